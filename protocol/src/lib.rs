@@ -1,0 +1,21 @@
+//! Wire formats tandem speaks, with no async runtime and no I/O.
+//!
+//! - [`lib0`]: the variable-length integers and buffers every Yjs protocol is built from;
+//! - [`message`]: y-websocket frames (sync step 1/2, update, awareness, auth, query awareness);
+//! - [`awareness`]: the awareness update payload (client id, clock, JSON state);
+//! - [`close`]: tandem's close codes, a published contract.
+//!
+//! Decoders never panic and never allocate more than their input justifies: a length prefix larger
+//! than the bytes that remain is an error, not an allocation.
+
+#![warn(missing_docs)]
+
+pub mod awareness;
+pub mod close;
+pub mod lib0;
+pub mod message;
+
+pub use awareness::{AwarenessEntry, AwarenessUpdate};
+pub use close::CloseCode;
+pub use lib0::{DecodeError, Decoder};
+pub use message::{Message, MessageReader, SyncMessage};

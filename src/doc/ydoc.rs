@@ -1,0 +1,481 @@
+//! [`YDoc`]: a yrs document with the operations a room needs, each guarded against panics.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use bytes::Bytes;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, Options, ReadTxn, StateVector, Transact, Update};
+
+/// Why the engine refused bytes or an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    /// The bytes are not a valid v1 update.
+    #[error("update does not decode: {0}")]
+    InvalidUpdate(String),
+    /// The bytes are not a valid state vector.
+    #[error("state vector does not decode: {0}")]
+    InvalidStateVector(String),
+    /// yrs refused to integrate a decoded update.
+    #[error("update cannot be applied: {0}")]
+    Apply(String),
+    /// yrs panicked. The document may be inconsistent and must be discarded.
+    #[error("the CRDT engine panicked on this input")]
+    Panicked,
+}
+
+/// A v1 update that decoded, ready to apply. Decoding happens on the connection's task so that
+/// malformed input is refused before it reaches the room.
+pub struct DecodedUpdate {
+    update: Update,
+    raw: Bytes,
+}
+
+impl DecodedUpdate {
+    /// Decodes `raw` as a v1 update, containing any panic inside yrs.
+    pub fn decode(raw: Bytes) -> Result<Self, DocError> {
+        let update = contain(|| Update::decode_v1(&raw))?
+            .map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
+        Ok(Self { update, raw })
+    }
+
+    /// The bytes as they arrived.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+}
+
+impl std::fmt::Debug for DecodedUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodedUpdate")
+            .field("len", &self.raw.len())
+            .finish()
+    }
+}
+
+/// What applying an update did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Nothing new: every block and deletion was already known.
+    Unchanged,
+    /// Nothing integrated yet: (part of) the update waits for a missing predecessor.
+    Pending,
+    /// The document changed; `effective` is the update to relay and log. It is the arriving bytes
+    /// when they integrated completely, or yrs' encoding of what this transaction integrated when
+    /// pending (out-of-order) data was involved.
+    Changed {
+        /// The update to fan out and append to the log, encoded once.
+        effective: Bytes,
+        /// Whether all of the update integrated. When part of it waits for a missing
+        /// predecessor, `effective` lacks that part (so it must not be acknowledged as stored).
+        complete: bool,
+    },
+}
+
+/// A Yjs document owned by one room actor.
+pub struct YDoc {
+    doc: Doc,
+}
+
+impl Default for YDoc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl YDoc {
+    /// An empty document. The server never edits it itself, so its own client id is irrelevant
+    /// but fixed, and garbage collection stays on (deleted content is not kept).
+    pub fn new() -> Self {
+        let opts = Options {
+            client_id: yrs::ClientID::new(0),
+            skip_gc: false,
+            ..Options::default()
+        };
+        Self {
+            doc: Doc::with_options(opts),
+        }
+    }
+
+    /// Builds a document from a stored snapshot and the log tail, merged then applied once.
+    pub fn load(snapshot: Option<&[u8]>, tail: &[Bytes]) -> Result<Self, DocError> {
+        let mut doc = Self::new();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(tail.len() + 1);
+        parts.extend(snapshot);
+        parts.extend(tail.iter().map(|b| &b[..]));
+        if parts.is_empty() {
+            return Ok(doc);
+        }
+        let merged = if parts.len() == 1 {
+            Bytes::copy_from_slice(parts[0])
+        } else {
+            Bytes::from(
+                contain(|| yrs::merge_updates_v1(parts.iter().copied()))?
+                    .map_err(|e| DocError::InvalidUpdate(e.to_string()))?,
+            )
+        };
+        doc.apply(DecodedUpdate::decode(merged)?)?;
+        Ok(doc)
+    }
+
+    /// Applies an update in one transaction.
+    ///
+    /// On [`DocError::Panicked`] the document may be half-updated: the caller must drop it.
+    pub fn apply(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
+        let DecodedUpdate { update, raw } = update;
+        let doc = &self.doc;
+        contain(move || {
+            let mut txn = doc.transact_mut();
+            let before = PendingPrint::of(&txn);
+            txn.apply_update(update)
+                .map_err(|e| DocError::Apply(e.to_string()))?;
+            let after = PendingPrint::of(&txn);
+            // Conservative: if the set of waiting data changed and is not empty, some of this
+            // update may be in it. (It may also have drained older waiting data instead; then
+            // an acknowledgement is withheld needlessly, never given falsely.)
+            let complete = after.is_none() || after == before;
+            let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
+            if !changed {
+                return Ok(if complete {
+                    Applied::Unchanged
+                } else {
+                    Applied::Pending
+                });
+            }
+            let effective = if before.is_some() || after.is_some() {
+                Bytes::from(txn.encode_update_v1())
+            } else {
+                raw
+            };
+            Ok(Applied::Changed {
+                effective,
+                complete,
+            })
+        })?
+    }
+
+    /// The encoded state vector (for sync step 1).
+    pub fn state_vector(&self) -> Vec<u8> {
+        self.doc.transact().state_vector().encode_v1()
+    }
+
+    /// What a peer with `state_vector` lacks (for sync step 2).
+    pub fn diff(&self, state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
+        let sv = contain(|| StateVector::decode_v1(state_vector))?
+            .map_err(|e| DocError::InvalidStateVector(e.to_string()))?;
+        contain(|| self.doc.transact().encode_state_as_update_v1(&sv))
+    }
+
+    /// The whole document as one update, and its state vector (for a snapshot).
+    pub fn encode_state(&self) -> (Vec<u8>, Vec<u8>) {
+        let txn = self.doc.transact();
+        (
+            txn.encode_state_as_update_v1(&StateVector::default()),
+            txn.state_vector().encode_v1(),
+        )
+    }
+
+    /// What this document holds, for the node-to-node state exchange: the encoded state vector
+    /// and a digest of the delete set. The digest is independent of how ranges are fragmented
+    /// (per client: how many clocks are deleted and their sum), so equal documents have equal
+    /// digests on every node.
+    pub fn sync_summary(&self) -> (Vec<u8>, Vec<u8>) {
+        let (sv, digest) = self.summary();
+        (sv.encode_v1(), digest.to_vec())
+    }
+
+    /// The state vector and delete-set digest behind [`YDoc::sync_summary`], unencoded.
+    fn summary(&self) -> (StateVector, [u8; 8]) {
+        let txn = self.doc.transact();
+        let snapshot = txn.snapshot();
+        let mut digest = Fnv64::default();
+        for (client, ranges) in snapshot.delete_set.iter() {
+            let (mut count, mut sum) = (0u64, 0u128);
+            for r in ranges.iter() {
+                let (start, end) = (u64::from(r.start), u64::from(r.end));
+                count += end - start;
+                sum += u128::from(start + end - 1) * u128::from(end - start) / 2;
+            }
+            digest.write(&client.get().to_le_bytes());
+            digest.write(&count.to_le_bytes());
+            digest.write(&sum.to_le_bytes());
+        }
+        (snapshot.state_map, digest.finish().to_le_bytes())
+    }
+
+    /// Compares this document with another node's [`YDoc::sync_summary`].
+    pub fn compare(&self, state_vector: &[u8], digest: &[u8]) -> Result<Comparison, DocError> {
+        let theirs = contain(|| StateVector::decode_v1(state_vector))?
+            .map_err(|e| DocError::InvalidStateVector(e.to_string()))?;
+        let (ours, ours_digest) = self.summary();
+        let deletes_differ = ours_digest[..] != *digest;
+        let we_have_more = ours.iter().any(|(c, &clock)| clock > theirs.get(c)) || deletes_differ;
+        let they_have_more = theirs.iter().any(|(c, &clock)| clock > ours.get(c)) || deletes_differ;
+        Ok(Comparison {
+            we_have_more,
+            they_have_more,
+        })
+    }
+
+    /// The underlying yrs document, for reading in tests and tools.
+    pub fn doc(&self) -> &Doc {
+        &self.doc
+    }
+}
+
+/// A fingerprint of the data waiting for missing predecessors (`None`: nothing waits). Computed
+/// only when something waits, which well-behaved clients never cause.
+#[derive(PartialEq)]
+struct PendingPrint(Option<(StateVector, StateVector)>, Option<yrs::IdSet>);
+
+impl PendingPrint {
+    fn of(txn: &yrs::TransactionMut<'_>) -> Option<Self> {
+        if !txn.has_missing_updates() {
+            return None;
+        }
+        let store = txn.store();
+        let blocks = store
+            .pending_update()
+            .map(|p| (p.missing.clone(), p.update.state_vector()));
+        Some(Self(blocks, store.pending_ds().cloned()))
+    }
+}
+
+/// How two nodes' copies of a document relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Comparison {
+    /// We hold something the other lacks: answer with a diff.
+    pub we_have_more: bool,
+    /// The other holds something we lack: ask with our own summary.
+    pub they_have_more: bool,
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms (unlike `DefaultHasher`).
+struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Validates an encoded state vector without using it.
+pub fn check_state_vector(bytes: &[u8]) -> Result<(), DocError> {
+    contain(|| StateVector::decode_v1(bytes))?
+        .map(drop)
+        .map_err(|e| DocError::InvalidStateVector(e.to_string()))
+}
+
+/// Runs `f`, turning a panic into [`DocError::Panicked`].
+pub(super) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, DocError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| DocError::Panicked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::Text;
+
+    use crate::doc::testutil::{edit, text_of};
+
+    #[test]
+    fn applying_a_new_update_changes_and_relays_the_original_bytes() {
+        let client = Doc::with_client_id(7);
+        let u = edit(&client, 0, "hello");
+        let mut room = YDoc::new();
+        match room
+            .apply(DecodedUpdate::decode(u.clone()).unwrap())
+            .unwrap()
+        {
+            Applied::Changed {
+                effective,
+                complete,
+            } => {
+                assert_eq!(effective, u);
+                assert!(complete);
+            }
+            other => panic!("expected a change, got {other:?}"),
+        }
+        assert_eq!(text_of(&room), "hello");
+    }
+
+    #[test]
+    fn applying_a_duplicate_is_unchanged() {
+        let client = Doc::with_client_id(7);
+        let u = edit(&client, 0, "hello");
+        let mut room = YDoc::new();
+        room.apply(DecodedUpdate::decode(u.clone()).unwrap())
+            .unwrap();
+        assert!(matches!(
+            room.apply(DecodedUpdate::decode(u).unwrap()).unwrap(),
+            Applied::Unchanged
+        ));
+    }
+
+    #[test]
+    fn out_of_order_update_waits_then_integrates_with_its_predecessor() {
+        let client = Doc::with_client_id(7);
+        let first = edit(&client, 0, "ab");
+        let second = edit(&client, 2, "cd");
+        let mut room = YDoc::new();
+        let r = room
+            .apply(DecodedUpdate::decode(second.clone()).unwrap())
+            .unwrap();
+        assert!(
+            matches!(r, Applied::Pending),
+            "second alone cannot integrate"
+        );
+        let r = room.apply(DecodedUpdate::decode(first).unwrap()).unwrap();
+        let Applied::Changed { effective, .. } = r else {
+            panic!("expected a change")
+        };
+        assert_eq!(text_of(&room), "abcd");
+        // What we relay must carry both parts, so a fresh peer converges from it alone.
+        let mut peer = YDoc::new();
+        peer.apply(DecodedUpdate::decode(effective).unwrap())
+            .unwrap();
+        assert_eq!(text_of(&peer), "abcd");
+    }
+
+    #[test]
+    fn deletions_count_as_changes() {
+        let client = Doc::with_client_id(7);
+        let ins = edit(&client, 0, "abc");
+        let text = client.get_or_insert_text("t");
+        let del = {
+            let mut txn = client.transact_mut();
+            text.remove_range(&mut txn, 0, 1);
+            Bytes::from(txn.encode_update_v1())
+        };
+        let mut room = YDoc::new();
+        room.apply(DecodedUpdate::decode(ins).unwrap()).unwrap();
+        assert!(matches!(
+            room.apply(DecodedUpdate::decode(del).unwrap()).unwrap(),
+            Applied::Changed { .. }
+        ));
+        assert_eq!(text_of(&room), "bc");
+    }
+
+    #[test]
+    fn load_merges_snapshot_and_tail() {
+        let client = Doc::with_client_id(7);
+        let a = edit(&client, 0, "ab");
+        let mut base = YDoc::new();
+        base.apply(DecodedUpdate::decode(a).unwrap()).unwrap();
+        let (snapshot, _) = base.encode_state();
+        let b = edit(&client, 2, "c");
+        let c = edit(&client, 3, "d");
+        let loaded = YDoc::load(Some(&snapshot), &[b, c]).unwrap();
+        assert_eq!(text_of(&loaded), "abcd");
+    }
+
+    #[test]
+    fn diff_against_a_state_vector_gives_only_the_missing_part() {
+        let client = Doc::with_client_id(7);
+        let a = edit(&client, 0, "ab");
+        let mut room = YDoc::new();
+        room.apply(DecodedUpdate::decode(a).unwrap()).unwrap();
+        let sv = room.state_vector();
+        let b = edit(&client, 2, "c");
+        room.apply(DecodedUpdate::decode(b).unwrap()).unwrap();
+        let diff = room.diff(&sv).unwrap();
+        let full = room.diff(&[0]).unwrap();
+        assert!(diff.len() < full.len());
+    }
+
+    #[test]
+    fn garbage_and_truncated_updates_are_refused_without_panic() {
+        let client = Doc::with_client_id(7);
+        let real = edit(&client, 0, "some text that is long enough");
+        for cut in 0..real.len() {
+            let bytes = real.slice(..cut);
+            // Either a clean refusal or a valid prefix; never a panic out of this call.
+            if let Ok(u) = DecodedUpdate::decode(bytes) {
+                let mut room = YDoc::new();
+                let _ = room.apply(u);
+            }
+        }
+        for seed in 0u32..2000 {
+            let mut x = seed.wrapping_mul(2654435761);
+            let garbage: Vec<u8> = (0..(seed % 64))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            if let Ok(u) = DecodedUpdate::decode(Bytes::from(garbage)) {
+                let mut room = YDoc::new();
+                let _ = room.apply(u);
+            }
+        }
+        assert!(DecodedUpdate::decode(Bytes::from_static(&[0xff, 0xff, 0xff])).is_err());
+        assert!(room_diff_rejects(&[0xff]));
+    }
+
+    #[test]
+    fn summaries_tell_who_has_more_including_lost_deletions() {
+        let client = Doc::with_client_id(7);
+        let ins = edit(&client, 0, "abcdef");
+        let text = client.get_or_insert_text("t");
+        let del = {
+            let mut txn = client.transact_mut();
+            text.remove_range(&mut txn, 1, 2);
+            Bytes::from(txn.encode_update_v1())
+        };
+        let mut a = YDoc::new();
+        let mut b = YDoc::new();
+        a.apply(DecodedUpdate::decode(ins.clone()).unwrap())
+            .unwrap();
+        b.apply(DecodedUpdate::decode(ins).unwrap()).unwrap();
+        let (sv, digest) = b.sync_summary();
+        assert_eq!(
+            a.compare(&sv, &digest).unwrap(),
+            Comparison {
+                we_have_more: false,
+                they_have_more: false
+            }
+        );
+        // b got a deletion that a lost: same state vectors, different delete sets.
+        b.apply(DecodedUpdate::decode(del).unwrap()).unwrap();
+        let (sv, digest) = b.sync_summary();
+        let cmp = a.compare(&sv, &digest).unwrap();
+        assert!(cmp.they_have_more);
+        let diff = b.diff(&a.state_vector()).unwrap();
+        a.apply(DecodedUpdate::decode(Bytes::from(diff)).unwrap())
+            .unwrap();
+        assert_eq!(text_of(&a), "adef");
+        let (sv, digest) = b.sync_summary();
+        assert_eq!(
+            a.compare(&sv, &digest).unwrap(),
+            Comparison {
+                we_have_more: false,
+                they_have_more: false
+            }
+        );
+        // New inserts show in the state vector.
+        let more = edit(&client, 0, "z");
+        b.apply(DecodedUpdate::decode(more).unwrap()).unwrap();
+        let (sv, digest) = b.sync_summary();
+        let cmp = a.compare(&sv, &digest).unwrap();
+        assert!(cmp.they_have_more && !cmp.we_have_more);
+    }
+
+    fn room_diff_rejects(sv: &[u8]) -> bool {
+        YDoc::new().diff(sv).is_err()
+    }
+}

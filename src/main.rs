@@ -1,0 +1,167 @@
+//! The `tandem` binary: flags (each also an env var `TANDEM_<NAME>`) -> Config -> App.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tandem::app::App;
+use tandem::config::Config;
+use tandem::ids::NodeId;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+/// tandem: a real-time collaboration server for stock Yjs clients (y-websocket protocol).
+///
+/// Serves `ws://BIND/{room}`; stores documents in SQLite under --data-dir unless --database-url
+/// says otherwise. Logs go to stderr; RUST_LOG filters them (default `info`).
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version, about, long_about)]
+struct Args {
+    /// Address for WebSocket and HTTP.
+    #[arg(long, env = "TANDEM_BIND", default_value = "127.0.0.1:1234")]
+    bind: SocketAddr,
+
+    /// Directory of the embedded SQLite store (`tandem.db` inside it).
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+
+    /// `postgres://USER@HOST/DB` to store in Postgres (for several nodes), or `sqlite://PATH` to
+    /// store elsewhere than the data dir.
+    #[arg(long, env = "TANDEM_DATABASE_URL")]
+    database_url: Option<String>,
+
+    /// This node's name in logs and stored update origins [default: random].
+    #[arg(long, env = "TANDEM_NODE_ID")]
+    node_id: Option<String>,
+
+    /// `redis://HOST:PORT` (or `redis-cluster://HOST:PORT`) enables fan-out across nodes;
+    /// without it the node is alone.
+    #[arg(long, env = "TANDEM_REDIS_URL")]
+    redis_url: Option<String>,
+
+    /// Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+) for room channels: for Redis Cluster.
+    #[arg(long, env = "TANDEM_REDIS_SHARDED")]
+    redis_sharded: bool,
+
+    /// Log format on stderr.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Largest WebSocket message accepted, in bytes; larger ones close the connection with 1009.
+    #[arg(long, env = "TANDEM_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
+    max_message_size: usize,
+
+    /// Bytes that may wait for one slow connection before it is closed with 1013.
+    #[arg(long, env = "TANDEM_OUTBOX_LIMIT", default_value_t = 32 << 20)]
+    outbox_limit: usize,
+
+    /// How often connections are pinged; one silent for a whole interval is closed.
+    #[arg(long, env = "TANDEM_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
+
+    /// How long a room without connections stays in memory once everything is stored.
+    #[arg(long, env = "TANDEM_ROOM_IDLE_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    room_idle_grace: Duration,
+
+    /// Fold a room's update log into a snapshot once it holds this many updates.
+    #[arg(long, env = "TANDEM_COMPACT_UPDATES", default_value_t = 500)]
+    compact_updates: usize,
+
+    /// ... or this many bytes.
+    #[arg(long, env = "TANDEM_COMPACT_BYTES", default_value_t = 1 << 20)]
+    compact_bytes: usize,
+
+    /// Send each connection its own updates back once they are stored (y-websocket v4
+    /// providers count that echo as "synced"; their sync status then means stored).
+    #[arg(long, env = "TANDEM_ECHO_OWN_UPDATES")]
+    echo_own_updates: bool,
+
+    /// How long a graceful shutdown (SIGINT/SIGTERM) may take to flush and close.
+    #[arg(long, env = "TANDEM_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    fn into_config(self) -> Config {
+        let mut c = Config {
+            bind: self.bind,
+            data_dir: self.data_dir,
+            database_url: self.database_url,
+            node_id: self.node_id.map_or_else(NodeId::random, NodeId::new),
+            redis_url: self.redis_url,
+            redis_sharded: self.redis_sharded,
+            shutdown_timeout: self.shutdown_timeout,
+            ..Config::default()
+        };
+        c.session.max_message_bytes = self.max_message_size;
+        c.session.outbox_bytes = self.outbox_limit;
+        c.session.ping_interval = self.ping_interval;
+        c.rooms.idle_grace = self.room_idle_grace;
+        c.rooms.echo_own_updates = self.echo_own_updates;
+        c.rooms.compaction.max_updates = self.compact_updates;
+        c.rooms.compaction.max_bytes = self.compact_bytes;
+        c
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logs(args.log_format);
+    let config = args.into_config();
+    config.validate().context("invalid configuration")?;
+    let bind = config.bind;
+    let app = App::open(config).await.context("opening the store")?;
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    let running = app.start(listener).context("starting the server")?;
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received");
+        token.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

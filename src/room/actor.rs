@@ -1,0 +1,755 @@
+//! The room actor: load, then serve the inbox until idle or shutdown, then flush and exit.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tandem_protocol::{AwarenessUpdate, CloseCode, Message, SyncMessage};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use super::awareness::{Awareness, Owner};
+use super::peer::Peer;
+use super::policy::LogState;
+use super::{Inbox, JoinError, OnExit, RoomCommand, RoomSettings};
+use crate::broker::envelope::{decode_sync_step1, encode_sync_step1, Envelope, Kind};
+use crate::broker::{Broker, PublishError};
+use crate::doc::{Applied, DecodedUpdate, DocError, YDoc, YrsFold};
+use crate::ids::{ConnId, NodeId, RoomId};
+use crate::metrics::METRICS;
+use crate::session::outbox::{Outbox, PushError};
+use crate::store::writer::{CommitListener, StoreWriter, WriteRequest};
+use crate::store::{Append, Compacted, DynStore};
+
+/// What every room of a node shares.
+pub struct RoomContext {
+    /// Where documents are loaded from and compacted into.
+    pub store: DynStore,
+    /// The group-commit writer every room appends through.
+    pub writer: StoreWriter,
+    /// Written as the `origin` of every appended update: this node's id.
+    pub origin: Arc<str>,
+    /// This node, as named in envelopes.
+    pub node: NodeId,
+    /// Fan-out to other nodes; `None` when this node is alone.
+    pub broker: Option<Arc<dyn Broker>>,
+    /// Behaviour shared by all rooms.
+    pub settings: RoomSettings,
+    /// Cancelled when the node shuts down: rooms close their peers with 1012, flush and exit.
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the actor of `room` reading `inbox`; `on_exit` runs when it stops serving.
+pub(crate) fn spawn(
+    ctx: Arc<RoomContext>,
+    tracker: &TaskTracker,
+    room: RoomId,
+    generation: u64,
+    inbox: Inbox,
+    on_exit: OnExit,
+) {
+    let span = tracing::info_span!("room", room = %room);
+    tracker.spawn(
+        async move {
+            let (notices_tx, notices) = mpsc::unbounded_channel();
+            let actor = Actor {
+                listener: Arc::new(Notices(notices_tx.clone())),
+                notices_tx,
+                ctx,
+                room,
+                generation,
+                inbox: inbox.rx,
+                resync: inbox.resync,
+                last_exchange: Instant::now(),
+                dirty: false,
+                known_nodes: HashSet::new(),
+                notices,
+                doc: YDoc::new(),
+                peers: HashMap::new(),
+                ack_waiters: HashSet::new(),
+                awareness: Awareness::new(),
+                log: LogState::default(),
+                next_seq: 0,
+                inflight: VecDeque::new(),
+                empty_since: Some(Instant::now()),
+                on_exit: Some(on_exit),
+            };
+            actor.run().await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Events the room receives besides its inbox: commits and finished compactions.
+#[derive(Debug)]
+enum Notice {
+    Committed { seq: u64, id: i64 },
+    Folded { folded: Option<Compacted> },
+}
+
+/// Feeds the writer's commit callbacks into the room's notice channel.
+struct Notices(mpsc::UnboundedSender<Notice>);
+
+impl CommitListener for Notices {
+    fn committed(&self, seq: u64, id: i64) {
+        let _ = self.0.send(Notice::Committed { seq, id });
+    }
+}
+
+/// Why the serve loop ended.
+enum Exit {
+    Idle,
+    Shutdown,
+    /// The engine panicked; the in-memory document is discarded and reloaded by the next join.
+    Poisoned,
+}
+
+struct Actor {
+    ctx: Arc<RoomContext>,
+    room: RoomId,
+    generation: u64,
+    inbox: mpsc::Receiver<RoomCommand>,
+    /// Set by the hub when something for this room may have been lost.
+    resync: Arc<AtomicBool>,
+    /// When this room last published its state summary to the other nodes.
+    last_exchange: Instant,
+    /// Whether the document changed since the last exchange.
+    dirty: bool,
+    /// Nodes that have shown they hold this room; a new one gets our local presence.
+    known_nodes: HashSet<NodeId>,
+    /// Commit and compaction notices. Unbounded, but bounded in practice by the writer's queue
+    /// capacity (one notice per submitted update) plus one per compaction.
+    notices: mpsc::UnboundedReceiver<Notice>,
+    notices_tx: mpsc::UnboundedSender<Notice>,
+    listener: Arc<Notices>,
+    doc: YDoc,
+    peers: HashMap<ConnId, Peer>,
+    /// Peers with acknowledgements or echoes waiting for a commit.
+    ack_waiters: HashSet<ConnId>,
+    awareness: Awareness,
+    log: LogState,
+    next_seq: u64,
+    /// `(seq, len)` of updates submitted and not yet committed, oldest first.
+    inflight: VecDeque<(u64, usize)>,
+    /// When the last peer left; `None` while anyone is here.
+    empty_since: Option<Instant>,
+    on_exit: Option<OnExit>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        // Subscribe before loading, so nothing published meanwhile falls between the two; what
+        // other nodes hold beyond the store comes with the state exchange right after.
+        if let Some(broker) = &self.ctx.broker {
+            if let Err(e) = broker.subscribe(&self.room).await {
+                warn!(error = %e, "broker subscribe failed; the room resyncs after reconnect");
+            }
+        }
+        if let Err(e) = self.load().await {
+            warn!(error = %e, "room load failed");
+            METRICS.room_load_failures.inc();
+            self.refuse_remaining(JoinError::LoadFailed);
+            self.unsubscribe().await;
+            return;
+        }
+        self.publish_summary();
+        METRICS.rooms_loaded.inc();
+        let exit = self.serve().await;
+        METRICS.rooms_loaded.dec();
+        match exit {
+            Exit::Idle => debug!("room unloaded"),
+            Exit::Shutdown => debug!("room flushed for shutdown"),
+            Exit::Poisoned => warn!("room discarded its document after an engine panic"),
+        }
+        self.refuse_remaining(JoinError::Unloading);
+        self.unsubscribe().await;
+    }
+
+    async fn unsubscribe(&self) {
+        if let Some(broker) = &self.ctx.broker {
+            if let Err(e) = broker.unsubscribe(&self.room).await {
+                debug!(error = %e, "broker unsubscribe failed");
+            }
+        }
+    }
+
+    async fn load(&mut self) -> Result<(), LoadError> {
+        let stored = self.ctx.store.load(&self.room).await?;
+        let tail: Vec<Bytes> = stored.updates.iter().map(|(_, b)| b.clone()).collect();
+        let bytes = tail.iter().map(Bytes::len).sum();
+        self.doc = YDoc::load(stored.snapshot.as_ref().map(|s| &s.state[..]), &tail)?;
+        self.log = LogState::loaded(tail.len(), bytes, stored.last_id());
+        debug!(rows = tail.len(), "room loaded");
+        Ok(())
+    }
+
+    async fn serve(&mut self) -> Exit {
+        let mut tick = tokio::time::interval(self.ctx.settings.tick);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            tokio::select! {
+                cmd = self.inbox.recv() => {
+                    // The hub holds a sender for as long as this actor is registered.
+                    let Some(cmd) = cmd else { return Exit::Idle };
+                    if self.handle(cmd).await.is_err() {
+                        self.close_all(CloseCode::Restarting, "room restarting");
+                        // Never snapshot a document yrs panicked inside: only wait for the log.
+                        self.flush(Fold::Skip).await;
+                        return Exit::Poisoned;
+                    }
+                }
+                Some(notice) = self.notices.recv() => self.on_notice(notice),
+                _ = tick.tick() => {
+                    self.sweep();
+                    self.maybe_exchange();
+                    if self.log.wants_compaction(&self.ctx.settings.compaction) {
+                        self.start_compaction();
+                    }
+                    if self.idle_long_enough() {
+                        self.flush(Fold::IfTail).await;
+                        if self.inbox.is_empty() && self.peers.is_empty() {
+                            return Exit::Idle;
+                        }
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    self.close_all(CloseCode::Restarting, "server restarting");
+                    self.flush(Fold::IfTail).await;
+                    return Exit::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Handles one command. `Err` means the engine panicked and the document must be dropped.
+    async fn handle(&mut self, cmd: RoomCommand) -> Result<(), Poisoned> {
+        match cmd {
+            RoomCommand::Join {
+                conn,
+                outbox,
+                reply,
+            } => self.join(conn, outbox, reply),
+            RoomCommand::Leave { conn } => self.leave(conn),
+            RoomCommand::SyncStep1 { conn, state_vector } => {
+                self.answer_step1(conn, &state_vector)?
+            }
+            RoomCommand::Update { conn, update } => self.apply(conn, update).await?,
+            RoomCommand::Awareness {
+                conn,
+                message,
+                payload,
+            } => self.relay_awareness(conn, message, &payload),
+            RoomCommand::Remote { envelope } => self.remote(envelope)?,
+            RoomCommand::NodeGone { node } => {
+                self.known_nodes.remove(&node);
+                if let Some(nulls) = self.awareness.remove_owner(&Owner::Node(node)) {
+                    let frame = Bytes::from(Message::Awareness(&nulls).to_frame());
+                    self.broadcast(&frame, None);
+                }
+            }
+            RoomCommand::AckRequest { conn } => {
+                if let Some(peer) = self.peers.get_mut(&conn) {
+                    peer.request_acks();
+                }
+            }
+            RoomCommand::QueryAwareness { conn } => {
+                if let (Some(Peer { outbox: out, .. }), Some(state)) =
+                    (self.peers.get(&conn), self.awareness.full_state())
+                {
+                    let frame = Message::Awareness(&state).to_frame();
+                    let _ = out.push(Bytes::from(frame));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn join(
+        &mut self,
+        conn: ConnId,
+        outbox: Outbox,
+        reply: tokio::sync::oneshot::Sender<Result<(), JoinError>>,
+    ) {
+        if self.ctx.shutdown.is_cancelled() {
+            let _ = reply.send(Err(JoinError::ShuttingDown));
+            return;
+        }
+        // Our step 1 first, then presence: the same order as the stock server.
+        let step1 = Message::Sync(SyncMessage::Step1(&self.doc.state_vector())).to_frame();
+        if outbox.push(Bytes::from(step1)).is_err() {
+            return;
+        }
+        if let Some(state) = self.awareness.full_state() {
+            let _ = outbox.push(Bytes::from(Message::Awareness(&state).to_frame()));
+        }
+        if reply.send(Ok(())).is_ok() {
+            self.peers.insert(conn, Peer::new(outbox));
+            self.empty_since = None;
+            METRICS.peers_joined.inc();
+        }
+    }
+
+    fn leave(&mut self, conn: ConnId) {
+        if self.peers.remove(&conn).is_none() {
+            return;
+        }
+        self.ack_waiters.remove(&conn);
+        if let Some(nulls) = self.awareness.remove_owner(&Owner::Local(conn)) {
+            let frame = Bytes::from(Message::Awareness(&nulls).to_frame());
+            self.broadcast(&frame, None);
+            self.publish(Kind::Awareness, None, &nulls);
+        }
+        if self.peers.is_empty() {
+            self.empty_since = Some(Instant::now());
+        }
+    }
+
+    fn answer_step1(&mut self, conn: ConnId, state_vector: &[u8]) -> Result<(), Poisoned> {
+        let Some(Peer { outbox: out, .. }) = self.peers.get(&conn) else {
+            return Ok(());
+        };
+        match self.doc.diff(state_vector) {
+            Ok(diff) => {
+                let frame = Message::Sync(SyncMessage::Step2(&diff)).to_frame();
+                let _ = out.push(Bytes::from(frame));
+                Ok(())
+            }
+            Err(DocError::Panicked) => {
+                out.close(CloseCode::InvalidData, "state vector crashed the engine");
+                Err(Poisoned)
+            }
+            Err(e) => {
+                refuse(out, conn, &e);
+                Ok(())
+            }
+        }
+    }
+
+    async fn apply(&mut self, conn: ConnId, update: DecodedUpdate) -> Result<(), Poisoned> {
+        let Some(peer) = self.peers.get(&conn) else {
+            return Ok(());
+        };
+        if self.ctx.writer.is_full() {
+            // The bound on unstored updates is reached (the store is down or far behind):
+            // refuse the write rather than hold more than we can promise to store. The client
+            // keeps its edit and sends it again when it reconnects.
+            warn!(conn = %conn, "store not keeping up; refusing a write with 1013");
+            METRICS.closes.inc(CloseCode::TryAgainLater);
+            peer.outbox.close(
+                CloseCode::TryAgainLater,
+                "storage unavailable, try again later",
+            );
+            // Its later frames must not be applied without this one: it is out of the room.
+            self.leave(conn);
+            return Ok(());
+        }
+        let wants_acks = peer.wants_acks();
+        let raw = update.raw().clone();
+        let started = Instant::now();
+        let (effective, complete) = match self.doc.apply(update) {
+            Ok(Applied::Unchanged) if wants_acks && self.ctx.broker.is_some() => {
+                // Already in the document, but maybe only from another node that has not stored
+                // it yet: store it again (updates are idempotent) and acknowledge that write.
+                let seq = self.next_seq;
+                self.owe(conn, Some(seq), None);
+                self.persist(raw).await;
+                return Ok(());
+            }
+            Ok(Applied::Unchanged) => {
+                // Already in the document, and everything in it came through this node's
+                // writes: stored once every write before it is.
+                let needs = (!self.log.all_committed()).then(|| self.next_seq - 1);
+                self.owe(conn, needs, None);
+                return Ok(());
+            }
+            // Waiting for a missing predecessor: not stored, so never acknowledged (and, as
+            // acknowledgements are cumulative, neither is anything after it on this connection).
+            Ok(Applied::Pending) => {
+                self.owe(conn, Some(NEVER), None);
+                return Ok(());
+            }
+            Ok(Applied::Changed {
+                effective,
+                complete,
+            }) => (effective, complete),
+            Err(e) => {
+                if let Some(p) = self.peers.get(&conn) {
+                    refuse(&p.outbox, conn, &e);
+                }
+                return if matches!(e, DocError::Panicked) {
+                    Err(Poisoned)
+                } else {
+                    Ok(())
+                };
+            }
+        };
+        // Encoded once; every peer's outbox shares these bytes.
+        let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
+        self.broadcast(&frame, Some(conn));
+        self.publish(Kind::Update, None, &effective);
+        self.dirty = true;
+        METRICS.updates_applied.inc();
+        METRICS.fanout_seconds.observe(started.elapsed());
+        let seq = if complete { self.next_seq } else { NEVER };
+        let echo = self
+            .ctx
+            .settings
+            .echo_own_updates
+            .then(|| effective.clone());
+        self.owe(conn, Some(seq), echo);
+        self.persist(effective).await;
+        Ok(())
+    }
+
+    /// Records that `conn` is owed an acknowledgement (and maybe an echo) once write `needs`
+    /// commits, sending it at once when nothing is pending.
+    fn owe(&mut self, conn: ConnId, needs: Option<u64>, echo: Option<Bytes>) {
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        for frame in peer.received_update(needs, echo) {
+            let _ = peer.outbox.push(frame);
+        }
+        if peer.is_waiting() {
+            self.ack_waiters.insert(conn);
+        }
+    }
+
+    async fn persist(&mut self, data: Bytes) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.push_back((seq, data.len()));
+        self.log.submitted();
+        let req = WriteRequest {
+            append: Append {
+                room: self.room.clone(),
+                data,
+                origin: self.ctx.origin.clone(),
+            },
+            seq,
+            listener: self.listener.clone(),
+        };
+        // Waits while the writer's queue is full: the store's pace bounds the room's.
+        if self.ctx.writer.submit(req).await.is_err() {
+            warn!("store writer is gone; update kept in memory only");
+        }
+    }
+
+    fn relay_awareness(&mut self, conn: ConnId, message: Bytes, payload: &[u8]) {
+        if !self.peers.contains_key(&conn) {
+            return;
+        }
+        let Ok(update) = AwarenessUpdate::decode(payload) else {
+            return;
+        };
+        if self
+            .awareness
+            .apply(&Owner::Local(conn), &update, Instant::now())
+        {
+            // Everyone, the sender included: stock providers count the echo as liveness.
+            self.broadcast(&message, None);
+            self.publish(Kind::Awareness, None, payload);
+        }
+    }
+
+    /// Pushes `frame` to every peer except `skip`; peers over budget are dropped from the room
+    /// (their outbox already asked them to close with 1013).
+    fn broadcast(&mut self, frame: &Bytes, skip: Option<ConnId>) {
+        let mut overflowed = Vec::new();
+        for (&id, peer) in &self.peers {
+            if Some(id) == skip {
+                continue;
+            }
+            match peer.outbox.push(frame.clone()) {
+                Ok(()) => METRICS.deliveries.inc(),
+                Err(PushError::Overflow) => {
+                    warn!(conn = %id, "slow consumer closed with 1013");
+                    METRICS.closes.inc(CloseCode::TryAgainLater);
+                    overflowed.push(id);
+                }
+                Err(PushError::Closed) => overflowed.push(id),
+            }
+        }
+        for id in overflowed {
+            self.leave(id);
+        }
+    }
+
+    /// Publishes an envelope to the other nodes, encoded once. A full queue marks the room for
+    /// resync: the next state exchange carries what this envelope would have.
+    fn publish(&self, kind: Kind, target: Option<&str>, payload: &[u8]) {
+        let Some(broker) = &self.ctx.broker else {
+            return;
+        };
+        let env = Envelope {
+            origin: self.ctx.node.as_str(),
+            kind,
+            target,
+            payload,
+        };
+        match broker.publish(&self.room, env.encode()) {
+            Ok(()) => METRICS.broker_published.inc(),
+            Err(PublishError::Full) => {
+                METRICS.broker_publish_dropped.inc();
+                self.resync.store(true, Ordering::Release);
+            }
+            Err(PublishError::Closed) => {}
+        }
+    }
+
+    /// Publishes this room's state summary: nodes holding more answer with a diff.
+    fn publish_summary(&mut self) {
+        if self.ctx.broker.is_none() {
+            return;
+        }
+        let (sv, digest) = self.doc.sync_summary();
+        self.publish(Kind::SyncStep1, None, &encode_sync_step1(&sv, &digest));
+        self.last_exchange = Instant::now();
+        self.dirty = false;
+        METRICS.broker_resyncs.inc();
+    }
+
+    /// Repeats the exchange when something may have been lost, and periodically while active.
+    fn maybe_exchange(&mut self) {
+        let lost = self.resync.swap(false, Ordering::AcqRel);
+        let due = self.dirty && self.last_exchange.elapsed() >= self.ctx.settings.sync_interval;
+        if lost || due {
+            self.publish_summary();
+        }
+    }
+
+    /// Handles an envelope from another node. `Err` means the engine panicked.
+    fn remote(&mut self, bytes: Bytes) -> Result<(), Poisoned> {
+        let Ok(env) = Envelope::decode(&bytes) else {
+            return Ok(());
+        };
+        let origin = NodeId::new(env.origin);
+        match env.kind {
+            Kind::Update => self.apply_remote(bytes.slice_ref(env.payload))?,
+            Kind::SyncStep2 if env.target == Some(self.ctx.node.as_str()) => {
+                self.apply_remote(bytes.slice_ref(env.payload))?
+            }
+            Kind::SyncStep2 => {}
+            Kind::Awareness => {
+                let Ok(update) = AwarenessUpdate::decode(env.payload) else {
+                    return Ok(());
+                };
+                if self
+                    .awareness
+                    .apply(&Owner::Node(origin), &update, Instant::now())
+                {
+                    let frame = Bytes::from(Message::Awareness(env.payload).to_frame());
+                    self.broadcast(&frame, None);
+                }
+            }
+            Kind::SyncStep1 => {
+                let Ok((sv, digest)) = decode_sync_step1(env.payload) else {
+                    return Ok(());
+                };
+                let cmp = match self.doc.compare(sv, digest) {
+                    Ok(c) => c,
+                    Err(DocError::Panicked) => return Err(Poisoned),
+                    Err(_) => return Ok(()),
+                };
+                if cmp.we_have_more {
+                    match self.doc.diff(sv) {
+                        Ok(diff) => self.publish(Kind::SyncStep2, Some(env.origin), &diff),
+                        Err(DocError::Panicked) => return Err(Poisoned),
+                        Err(_) => {}
+                    }
+                }
+                if cmp.they_have_more && self.last_exchange.elapsed() >= EXCHANGE_DEBOUNCE {
+                    self.publish_summary();
+                }
+                if self.known_nodes.insert(origin) {
+                    if let Some(local) = self.awareness.local_state() {
+                        self.publish(Kind::Awareness, None, &local);
+                    }
+                }
+            }
+            Kind::Heartbeat | Kind::NodeLeft => {}
+        }
+        Ok(())
+    }
+
+    /// Applies an update another node already stored, relaying what is new to local peers.
+    /// It is not appended again: its origin logged it.
+    fn apply_remote(&mut self, payload: Bytes) -> Result<(), Poisoned> {
+        let Ok(update) = DecodedUpdate::decode(payload) else {
+            return Ok(());
+        };
+        match self.doc.apply(update) {
+            Ok(Applied::Changed { effective, .. }) => {
+                let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
+                self.broadcast(&frame, None);
+                Ok(())
+            }
+            Ok(Applied::Unchanged | Applied::Pending) => Ok(()),
+            Err(DocError::Panicked) => Err(Poisoned),
+            Err(e) => {
+                warn!(error = %e, "ignoring an update from another node that does not apply");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_notice(&mut self, notice: Notice) {
+        match notice {
+            Notice::Committed { seq, id } => {
+                let len = match self.inflight.pop_front() {
+                    Some((s, len)) if s == seq => len,
+                    other => {
+                        warn!(?other, seq, "commit notices out of order");
+                        other.map_or(0, |(_, len)| len)
+                    }
+                };
+                self.log.committed(id, len);
+                let peers = &mut self.peers;
+                self.ack_waiters.retain(|conn| {
+                    let Some(peer) = peers.get_mut(conn) else {
+                        return false;
+                    };
+                    for frame in peer.committed(seq) {
+                        let _ = peer.outbox.push(frame);
+                    }
+                    peer.is_waiting()
+                });
+            }
+            Notice::Folded { folded } => self.log.finish_fold(folded),
+        }
+    }
+
+    fn sweep(&mut self) {
+        let timeout = self.ctx.settings.awareness_timeout;
+        if let Some(nulls) = self.awareness.sweep(Instant::now(), timeout) {
+            let frame = Bytes::from(Message::Awareness(&nulls).to_frame());
+            self.broadcast(&frame, None);
+        }
+    }
+
+    fn idle_long_enough(&self) -> bool {
+        self.empty_since
+            .is_some_and(|since| since.elapsed() >= self.ctx.settings.idle_grace)
+    }
+
+    /// The store folds what it has logged (it never sees the in-memory document, which may hold
+    /// updates not yet committed, or lack other nodes' ones).
+    fn fold_request(&mut self) -> CompactionJob {
+        self.log.start_fold();
+        CompactionJob {
+            store: self.ctx.store.clone(),
+            room: self.room.clone(),
+        }
+    }
+
+    /// Folds the log in the background; the room keeps serving meanwhile.
+    fn start_compaction(&mut self) {
+        let job = self.fold_request();
+        let tx = self.notices_tx.clone();
+        tokio::spawn(async move {
+            let folded = job.run().await;
+            let _ = tx.send(Notice::Folded { folded });
+        });
+    }
+
+    /// Waits until every submitted update is committed (processing notices only), then folds
+    /// the log if asked and it has a tail. Commands keep queueing in the inbox meanwhile.
+    async fn flush(&mut self, fold: Fold) {
+        while !self.log.all_committed() || self.log.is_folding() {
+            match self.notices.recv().await {
+                Some(n) => self.on_notice(n),
+                None => return,
+            }
+        }
+        if fold == Fold::IfTail && self.log.has_tail() {
+            let folded = self.fold_request().run().await;
+            self.log.finish_fold(folded);
+        }
+    }
+
+    fn close_all(&mut self, code: CloseCode, reason: &'static str) {
+        for peer in self.peers.values() {
+            peer.outbox.close(code, reason);
+        }
+        self.peers.clear();
+    }
+
+    /// Unregisters from the hub, then refuses whatever still arrives so that joiners retry
+    /// against a fresh actor (which loads from the now up-to-date store).
+    fn refuse_remaining(&mut self, why: JoinError) {
+        if let Some(on_exit) = self.on_exit.take() {
+            on_exit(&self.room, self.generation);
+        }
+        self.inbox.close();
+        while let Ok(cmd) = self.inbox.try_recv() {
+            if let RoomCommand::Join { reply, .. } = cmd {
+                let _ = reply.send(Err(why));
+            }
+        }
+    }
+}
+
+/// A compaction to run against the store.
+struct CompactionJob {
+    store: DynStore,
+    room: RoomId,
+}
+
+impl CompactionJob {
+    /// What the store folded, or `None` if the compaction failed (then nothing changed).
+    async fn run(self) -> Option<Compacted> {
+        match self.store.compact(&self.room, &YrsFold).await {
+            Ok(folded) if folded.rows == 0 => {
+                debug!(room = %self.room, "nothing to compact: another node folded the log");
+                Some(folded)
+            }
+            Ok(folded) => {
+                METRICS.compactions.inc();
+                info!(room = %self.room, rows = folded.rows, bytes = folded.bytes, upto_id = folded.upto_id, "compacted");
+                Some(folded)
+            }
+            Err(e) => {
+                warn!(room = %self.room, error = %e, "compaction failed");
+                None
+            }
+        }
+    }
+}
+
+/// Closes a connection whose bytes the engine refused.
+fn refuse(out: &Outbox, conn: ConnId, e: &DocError) {
+    warn!(conn = %conn, error = %e, "refusing update");
+    METRICS.closes.inc(CloseCode::InvalidData);
+    out.close(CloseCode::InvalidData, "update cannot be applied");
+}
+
+/// A room asks again with its own summary at most this often when another node shows it has
+/// more, so two nodes that differ settle in one round trip instead of echoing summaries.
+const EXCHANGE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A write sequence number no commit ever reaches: what an update that is not (fully) stored
+/// waits for.
+const NEVER: u64 = u64::MAX;
+
+/// The engine panicked on some input.
+struct Poisoned;
+
+/// Whether a flush ends with a compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    IfTail,
+    Skip,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Doc(#[from] DocError),
+}

@@ -1,0 +1,274 @@
+//! A connection's outbox: frames on their way to one socket, bounded in bytes.
+//!
+//! The room pushes shared, encoded-once frames ([`Bytes`]) without ever waiting. When a
+//! connection's queued bytes would pass its budget, the push fails and the connection is told to
+//! close with 1013 (try again later): a slow reader costs only itself, and no CRDT frame is ever
+//! dropped silently — the client resyncs when it reconnects.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use tandem_protocol::CloseCode;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why and how a connection is being closed by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// The close code sent to the client.
+    pub code: CloseCode,
+    /// A short human reason (at most 123 bytes on the wire).
+    pub reason: Cow<'static, str>,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The connection's byte budget is spent; it has been told to close with 1013.
+    #[error("outbox over its byte budget")]
+    Overflow,
+    /// The connection is closing or gone.
+    #[error("outbox closed")]
+    Closed,
+}
+
+struct Shared {
+    /// Bytes pushed but not yet handed to the socket.
+    queued: AtomicUsize,
+    budget: usize,
+    /// Set once, by the first close request; later requests are ignored.
+    close: OnceLock<CloseRequest>,
+    /// Cancelled right after `close` is set; both halves of the connection wait on it.
+    closed: CancellationToken,
+}
+
+/// The sending side, held by the room (and cloned for the connection itself).
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Bytes>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("queued", &self.queued_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The receiving side, owned by the connection's writer.
+pub struct OutboxReceiver {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    shared: Arc<Shared>,
+}
+
+/// Creates an outbox with a budget of `budget` queued bytes. The channel itself is unbounded
+/// in count but bounded in bytes by [`Outbox::push`]; a single frame larger than the budget is
+/// still accepted into an empty outbox so that a large document can always be delivered.
+pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        queued: AtomicUsize::new(0),
+        budget,
+        close: OnceLock::new(),
+        closed: CancellationToken::new(),
+    });
+    (
+        Outbox {
+            tx,
+            shared: shared.clone(),
+        },
+        OutboxReceiver { rx, shared },
+    )
+}
+
+impl Outbox {
+    /// Queues a frame without waiting. On overflow the connection is closed with 1013.
+    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        if self.shared.close.get().is_some() {
+            return Err(PushError::Closed);
+        }
+        let len = frame.len();
+        let before = self.shared.queued.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > self.shared.budget {
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+            self.close(
+                CloseCode::TryAgainLater,
+                "slow consumer: outbox over budget",
+            );
+            return Err(PushError::Overflow);
+        }
+        self.tx.send(frame).map_err(|_| {
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+            PushError::Closed
+        })
+    }
+
+    /// Asks the connection to close with `code`. The first request wins.
+    pub fn close(&self, code: CloseCode, reason: impl Into<Cow<'static, str>>) {
+        if self
+            .shared
+            .close
+            .set(CloseRequest {
+                code,
+                reason: reason.into(),
+            })
+            .is_ok()
+        {
+            self.shared.closed.cancel();
+        }
+    }
+
+    /// Waits until a close is requested.
+    pub async fn closed(&self) {
+        self.shared.closed.cancelled().await;
+    }
+
+    /// The close request, once one was made.
+    pub fn close_request(&self) -> Option<&CloseRequest> {
+        self.shared.close.get()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued.load(Ordering::Acquire)
+    }
+}
+
+/// Waits for a connection's close request; see [`OutboxReceiver::close_signal`].
+pub struct CloseSignal(Arc<Shared>);
+
+impl CloseSignal {
+    /// Waits until a close is requested and returns it.
+    pub async fn requested(&self) -> CloseRequest {
+        self.0.closed.cancelled().await;
+        let normal = || CloseRequest {
+            code: CloseCode::Normal,
+            reason: Cow::Borrowed(""),
+        };
+        self.0.close.get().cloned().unwrap_or_else(normal)
+    }
+}
+
+/// What the writer should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Write this frame.
+    Frame(Bytes),
+    /// Close with this request; queued frames are abandoned.
+    Close(CloseRequest),
+    /// Every sender is gone.
+    Ended,
+}
+
+impl OutboxReceiver {
+    /// Waits for the next frame or close request; a close request wins over queued frames.
+    pub async fn next(&mut self) -> Next {
+        loop {
+            if let Some(req) = self.shared.close.get() {
+                return Next::Close(req.clone());
+            }
+            tokio::select! {
+                biased;
+                () = self.shared.closed.cancelled() => continue,
+                frame = self.rx.recv() => return match frame {
+                    Some(f) => Next::Frame(f),
+                    None => Next::Ended,
+                },
+            }
+        }
+    }
+
+    /// A frame that is already queued, without waiting (for coalescing writes).
+    pub fn try_next_frame(&mut self) -> Option<Bytes> {
+        if self.shared.close.get().is_some() {
+            return None;
+        }
+        self.rx.try_recv().ok()
+    }
+
+    /// Records that `len` bytes left the outbox for the socket.
+    pub fn written(&self, len: usize) {
+        self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// A handle that waits for the close request without borrowing the receiver.
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal(self.shared.clone())
+    }
+
+    /// Waits until a close is requested.
+    pub async fn close_requested(&self) -> CloseRequest {
+        self.shared.closed.cancelled().await;
+        self.shared
+            .close
+            .get()
+            .cloned()
+            .expect("set before the token is cancelled")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_arrive_in_order() {
+        let (tx, mut rx) = outbox(1024);
+        tx.push(Bytes::from_static(b"a")).unwrap();
+        tx.push(Bytes::from_static(b"b")).unwrap();
+        assert!(matches!(rx.next().await, Next::Frame(f) if f == "a"));
+        assert_eq!(rx.try_next_frame().unwrap(), "b");
+    }
+
+    #[tokio::test]
+    async fn over_budget_push_fails_and_requests_try_again_later() {
+        let (tx, mut rx) = outbox(10);
+        tx.push(Bytes::from(vec![0; 6])).unwrap();
+        assert_eq!(tx.push(Bytes::from(vec![0; 6])), Err(PushError::Overflow));
+        assert_eq!(tx.close_request().unwrap().code, CloseCode::TryAgainLater);
+        assert!(matches!(rx.next().await, Next::Close(r) if r.code == CloseCode::TryAgainLater));
+        assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_the_budget_fits_an_empty_outbox() {
+        let (tx, mut rx) = outbox(10);
+        tx.push(Bytes::from(vec![0; 100])).unwrap();
+        let Next::Frame(f) = rx.next().await else {
+            panic!("expected a frame")
+        };
+        rx.written(f.len());
+        assert_eq!(tx.queued_bytes(), 0);
+        tx.push(Bytes::from(vec![0; 8])).unwrap();
+    }
+
+    #[tokio::test]
+    async fn written_bytes_free_budget() {
+        let (tx, mut rx) = outbox(10);
+        tx.push(Bytes::from(vec![0; 8])).unwrap();
+        let Next::Frame(f) = rx.next().await else {
+            panic!("expected a frame")
+        };
+        rx.written(f.len());
+        tx.push(Bytes::from(vec![0; 8])).unwrap();
+    }
+
+    #[tokio::test]
+    async fn first_close_request_wins() {
+        let (tx, rx) = outbox(10);
+        tx.close(CloseCode::InvalidData, "bad");
+        tx.close(CloseCode::Restarting, "later");
+        assert_eq!(rx.close_requested().await.code, CloseCode::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn ended_when_every_sender_is_gone() {
+        let (tx, mut rx) = outbox(10);
+        drop(tx);
+        assert!(matches!(rx.next().await, Next::Ended));
+    }
+}

@@ -1,0 +1,673 @@
+//! `PostgresStore`: the production [`Store`], one database shared by every node of a cluster.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+
+use super::{
+    fold_rows, nothing_folded, Append, Compacted, Fold, Snapshot, Store, StoreError, StoredRoom,
+};
+use crate::ids::RoomId;
+
+/// Most rows in one `INSERT … SELECT FROM UNNEST(…)`. The statement binds four arrays whatever
+/// its size, so this only bounds how much one message carries.
+const ROWS_PER_INSERT: usize = 1_000;
+
+/// Most update bytes in one `INSERT`: far below Postgres' 1 GiB limit on one bound value (an
+/// array of `bytea` is one value), whatever the size of single updates.
+const BYTES_PER_INSERT: usize = 64 << 20;
+
+/// How the pool connects and how long anything may wait.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most connections this node opens. Every node has its own pool: the database's
+    /// `max_connections` must cover all of them.
+    pub max_connections: u32,
+    /// How long an operation waits for a connection (also bounds the first connect).
+    pub acquire_timeout: Duration,
+    /// Server-side limit on one statement, waits for the compaction lock included.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A [`Store`] in a Postgres database, safe to share between nodes.
+///
+/// - Durability: `append` returns after `COMMIT`, with the server's `synchronous_commit`.
+/// - Ids: one identity sequence; a batch reserves its ids first, so ids follow batch order.
+/// - Loads read in one `REPEATABLE READ` transaction: one consistent point in time.
+/// - Compaction takes a transaction-scoped advisory lock keyed by a 64-bit hash of the room name
+///   (`pg_advisory_xact_lock(hashtextextended(room, 0))`, computed by the server, so every node
+///   agrees whatever it runs), then folds and deletes exactly the rows it read. Appends take no
+///   such lock: a row committing meanwhile is simply not folded.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    /// Shared by every operation; each operation is one transaction on one connection.
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to a `postgres://` or `postgresql://` URL with [`PostgresOptions::default`] and
+    /// applies the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects to `url` with `options` and applies the migrations (sqlx's migrator holds an
+    /// advisory lock meanwhile, so nodes starting together apply them once).
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+            return Err(StoreError::Config(format!(
+                "the Postgres store cannot open a {scheme:?} URL"
+            )));
+        }
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("bad Postgres URL: {e}")))?
+            .application_name("tandem")
+            .options([(
+                "statement_timeout",
+                format!("{}ms", options.statement_timeout.as_millis()),
+            )]);
+        // One direct connection first, so that a refused connection or a failed login says why:
+        // the pool retries until its acquire timeout and then reports only that it timed out.
+        let probe = tokio::time::timeout(
+            options.acquire_timeout,
+            PgConnection::connect_with(&connect),
+        )
+        .await
+        .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
+        probe.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
+        // Under READ COMMITTED each SELECT would see its own point in time: a compaction
+        // committing between them would pair the old snapshot with the pruned log.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let (snapshot, updates) = read_room(&mut tx, room).await?;
+        tx.commit().await?;
+        Ok(StoredRoom { snapshot, updates })
+    }
+
+    async fn append(&self, batch: &[Append]) -> Result<Vec<i64>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        // Postgres promises neither the order of RETURNING rows nor that identity values follow
+        // the order of an INSERT's input. So reserve the ids first, sort them, and insert each
+        // row with its own: ids[i] names batch[i], and ids grow in batch order.
+        let count = i64::try_from(batch.len()).unwrap_or(i64::MAX);
+        let mut ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('updates', 'id')) FROM generate_series(1, $1)",
+        )
+        .bind(count)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.len() != batch.len() {
+            return Err(protocol(format!(
+                "reserved {} ids for {} rows",
+                ids.len(),
+                batch.len()
+            )));
+        }
+        ids.sort_unstable();
+
+        let mut start = 0;
+        while start < batch.len() {
+            let end = chunk_end(batch, start);
+            let chunk = &batch[start..end];
+            let inserted = sqlx::query(
+                "INSERT INTO updates (id, room, data, origin) OVERRIDING SYSTEM VALUE \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bytea[], $4::text[])",
+            )
+            .bind(&ids[start..end])
+            .bind(chunk.iter().map(|a| a.room.as_str()).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|a| a.data.as_ref()).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|a| &*a.origin).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted != chunk.len() as u64 {
+                return Err(protocol(format!(
+                    "inserted {inserted} of {} rows",
+                    chunk.len()
+                )));
+            }
+            start = end;
+        }
+
+        // Sorted: concurrent appends lock existing `rooms` rows in the same order, so they
+        // wait for each other instead of deadlocking.
+        let mut rooms: Vec<&str> = batch.iter().map(|a| a.room.as_str()).collect();
+        rooms.sort_unstable();
+        rooms.dedup();
+        sqlx::query(
+            "INSERT INTO rooms (room) SELECT * FROM UNNEST($1::text[]) \
+             ON CONFLICT (room) DO UPDATE SET updated_at = now()",
+        )
+        .bind(rooms)
+        .execute(&mut *tx)
+        .await?;
+
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn compact(&self, room: &RoomId, fold: &dyn Fold) -> Result<Compacted, StoreError> {
+        // READ COMMITTED on purpose: every statement sees what committed before it started, so
+        // the reads below, which run once the lock is ours, see the previous holder's compaction.
+        // (REPEATABLE READ would keep the point in time of the lock statement, from before the
+        // wait, and fold rows that are already gone.)
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(room.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let (stored, rows) = read_room(&mut tx, room).await?;
+        let Some((snapshot, compacted)) = fold_rows(fold, stored.as_ref(), &rows)? else {
+            tx.rollback().await?;
+            return Ok(nothing_folded(stored.as_ref()));
+        };
+        sqlx::query(
+            "INSERT INTO snapshots (room, upto_id, state, state_vector) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room) DO UPDATE SET upto_id = excluded.upto_id, state = excluded.state, \
+             state_vector = excluded.state_vector, updated_at = now()",
+        )
+        .bind(room.as_str())
+        .bind(snapshot.upto_id)
+        .bind(snapshot.state.as_ref())
+        .bind(snapshot.state_vector.as_ref())
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let deleted = sqlx::query("DELETE FROM updates WHERE room = $1 AND id = ANY($2::bigint[])")
+            .bind(room.as_str())
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted != ids.len() as u64 {
+            // Only another compaction deletes rows, and it waits for our lock: refuse rather than
+            // store a snapshot that disagrees with the log.
+            return Err(protocol(format!(
+                "compaction deleted {deleted} of {} folded rows",
+                ids.len()
+            )));
+        }
+        tx.commit().await?;
+        Ok(compacted)
+    }
+
+    async fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
+        // "C" compares bytes, the order of `RoomId`'s `Ord`, whatever the database's collation.
+        let names: Vec<String> =
+            sqlx::query_scalar(r#"SELECT room FROM rooms ORDER BY room COLLATE "C""#)
+                .fetch_all(&self.pool)
+                .await?;
+        names
+            .iter()
+            .map(|name| {
+                RoomId::new(name)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Where the `INSERT` chunk starting at `start` ends: at most [`ROWS_PER_INSERT`] rows and
+/// [`BYTES_PER_INSERT`] bytes, and at least one row.
+fn chunk_end(batch: &[Append], start: usize) -> usize {
+    let mut end = start;
+    let mut bytes = 0;
+    while end < batch.len() && end - start < ROWS_PER_INSERT {
+        bytes += batch[end].data.len();
+        if bytes > BYTES_PER_INSERT && end > start {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
+
+/// An answer from the database that contradicts what the statement must do.
+fn protocol(message: String) -> StoreError {
+    StoreError::Database(sqlx::Error::Protocol(message))
+}
+
+/// Reads a room's snapshot and every row of its log, in id order, inside `tx`.
+async fn read_room(
+    tx: &mut PgConnection,
+    room: &RoomId,
+) -> Result<(Option<Snapshot>, Vec<(i64, Bytes)>), StoreError> {
+    let snapshot =
+        sqlx::query("SELECT upto_id, state, state_vector FROM snapshots WHERE room = $1")
+            .bind(room.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| -> Result<Snapshot, sqlx::Error> {
+                Ok(Snapshot {
+                    upto_id: row.try_get("upto_id")?,
+                    state: Bytes::from(row.try_get::<Vec<u8>, _>("state")?),
+                    state_vector: Bytes::from(row.try_get::<Vec<u8>, _>("state_vector")?),
+                })
+            })
+            .transpose()?;
+    let updates = sqlx::query("SELECT id, data FROM updates WHERE room = $1 ORDER BY id")
+        .bind(room.as_str())
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok((
+                row.try_get("id")?,
+                Bytes::from(row.try_get::<Vec<u8>, _>("data")?),
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok((snapshot, updates))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real server: `TANDEM_TEST_POSTGRES_URL` (default below) names a database to
+    //! connect to as a superuser (or a role with CREATEDB); every test creates a database of its
+    //! own there and drops it at the end. An unreachable server fails the tests, loudly.
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use sqlx::{Connection, Executor};
+
+    use super::{chunk_end, PostgresOptions, PostgresStore, BYTES_PER_INSERT, ROWS_PER_INSERT};
+    use crate::doc::YrsFold;
+    use crate::ids::RoomId;
+    use crate::store::suite::{assert_holds_exactly, keyed_update};
+    use crate::store::{Append, Compacted, DynStore, Store, StoreError};
+
+    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    /// A small pool per test: tests run in parallel, and the server's `max_connections`
+    /// (100 by default) must cover all of them. Still several connections, so operations of one
+    /// test do run concurrently.
+    fn test_options() -> PostgresOptions {
+        PostgresOptions {
+            max_connections: 4,
+            ..PostgresOptions::default()
+        }
+    }
+
+    fn admin_url() -> String {
+        std::env::var("TANDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    }
+
+    /// `url` with its database name replaced by `database`.
+    fn with_database(url: &str, database: &str) -> String {
+        let (base, query) = match url.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (url, String::new()),
+        };
+        let authority = base.find("://").map_or(0, |i| i + 3);
+        let base = match base[authority..].find('/') {
+            Some(slash) => &base[..authority + slash],
+            None => base,
+        };
+        format!("{base}/{database}{query}")
+    }
+
+    /// A fresh database for one test; dropped, with any connection left to it, when this is.
+    struct TestDatabase {
+        admin_url: String,
+        name: String,
+        url: String,
+    }
+
+    impl TestDatabase {
+        async fn create() -> Self {
+            let admin_url = admin_url();
+            let mut admin = tokio::time::timeout(
+                Duration::from_secs(10),
+                sqlx::PgConnection::connect(&admin_url),
+            )
+            .await
+            .map_err(|_| "timed out after 10 s".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the Postgres store tests need a Postgres server: cannot connect to \
+                     {admin_url}: {e}\nStart one (scripts/test.sh does), or point \
+                     TANDEM_TEST_POSTGRES_URL at one."
+                )
+            });
+            let name = format!("tandem_test_{:016x}", rand::random::<u64>());
+            admin
+                .execute(format!("CREATE DATABASE {name}").as_str())
+                .await
+                .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+            let _ = admin.close().await;
+            let url = with_database(&admin_url, &name);
+            Self {
+                admin_url,
+                name,
+                url,
+            }
+        }
+    }
+
+    impl Drop for TestDatabase {
+        fn drop(&mut self) {
+            // Drop cannot await, and blocking the test's runtime on a future would panic: drop the
+            // database from a thread and a runtime of our own.
+            let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    let mut admin = sqlx::PgConnection::connect(&admin_url)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    admin
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = admin.close().await;
+                    Ok::<(), String>(())
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                // Not a panic: this may run while a failed test unwinds.
+                eprintln!(
+                    "warning: test database {} was not dropped: {dropped:?}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    async fn postgres_store() -> (DynStore, TestDatabase) {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect_with(&db.url, test_options())
+            .await
+            .expect("connect to the test database");
+        (Arc::new(store), db)
+    }
+
+    crate::store::suite::store_suite!(postgres_store);
+
+    fn room(name: &str) -> RoomId {
+        RoomId::new(name).expect("valid room name")
+    }
+
+    fn keyed(room_name: &str, client: u64) -> Append {
+        Append {
+            room: room(room_name),
+            data: keyed_update(client),
+            origin: Arc::from("test-node"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_append_and_compact_one_room_without_loss_or_duplication() {
+        let db = TestDatabase::create().await;
+        let first: DynStore = Arc::new(
+            PostgresStore::connect_with(&db.url, test_options())
+                .await
+                .expect("connect first node"),
+        );
+        let second: DynStore = Arc::new(
+            PostgresStore::connect_with(&db.url, test_options())
+                .await
+                .expect("connect second node"),
+        );
+        crate::store::suite::two_nodes_racing_lose_and_duplicate_nothing(
+            first.clone(),
+            second.clone(),
+        )
+        .await;
+        first.close().await;
+        second.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_committing_after_a_compaction_with_a_smaller_id_is_kept_and_folded_later() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect_with(&db.url, test_options())
+            .await
+            .expect("connect");
+
+        // Another node's append: its id is handed out now, but it commits only later.
+        let mut late = store.pool.begin().await.expect("begin");
+        let late_id: i64 = sqlx::query_scalar(
+            "INSERT INTO updates (room, data, origin) VALUES ($1, $2, 'other-node') RETURNING id",
+        )
+        .bind("doc")
+        .bind(keyed_update(1).as_ref())
+        .fetch_one(&mut *late)
+        .await
+        .expect("insert");
+        let ids = store.append(&[keyed("doc", 2)]).await.expect("append");
+        assert!(ids[0] > late_id);
+
+        let compacted = store
+            .compact(&room("doc"), &YrsFold)
+            .await
+            .expect("compact");
+        assert_eq!(
+            compacted,
+            Compacted {
+                rows: 1,
+                bytes: keyed_update(2).len(),
+                upto_id: ids[0]
+            },
+            "the uncommitted row is not folded"
+        );
+        late.commit().await.expect("commit");
+
+        // The late row has an id below upto_id and is still loaded (no `id > upto_id` filter).
+        let loaded = store.load(&room("doc")).await.expect("load");
+        assert_eq!(loaded.snapshot.as_ref().map(|s| s.upto_id), Some(ids[0]));
+        assert_eq!(loaded.updates, vec![(late_id, keyed_update(1))]);
+        assert_holds_exactly(&loaded, &[1, 2].into());
+
+        // The next compaction folds it; upto_id stays the largest id folded so far.
+        let compacted = store
+            .compact(&room("doc"), &YrsFold)
+            .await
+            .expect("compact");
+        assert_eq!((compacted.rows, compacted.upto_id), (1, ids[0]));
+        let loaded = store.load(&room("doc")).await.expect("load");
+        assert!(loaded.updates.is_empty());
+        assert_holds_exactly(&loaded, &[1, 2].into());
+        store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_waits_for_the_room_lock_and_then_sees_the_previous_one() {
+        let db = TestDatabase::create().await;
+        let store = Arc::new(
+            PostgresStore::connect_with(&db.url, test_options())
+                .await
+                .expect("connect"),
+        );
+        store
+            .append(&[keyed("doc", 1), keyed("doc", 2)])
+            .await
+            .expect("append");
+
+        // Hold the room's lock as a compaction on another node would.
+        let mut holder = store.pool.begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind("doc")
+            .execute(&mut *holder)
+            .await
+            .expect("lock");
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move { store.compact(&room("doc"), &YrsFold).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the compaction must wait for the lock"
+        );
+        // Meanwhile the holder folds everything (its own compaction, done by hand).
+        let other = store.compact(&room("other"), &YrsFold).await;
+        assert_eq!(other.expect("other rooms are not blocked").rows, 0);
+        sqlx::query("DELETE FROM updates WHERE room = 'doc'")
+            .execute(&mut *holder)
+            .await
+            .expect("delete");
+        holder.commit().await.expect("commit");
+
+        let compacted = waiting.await.expect("task").expect("compact");
+        assert_eq!(
+            compacted.rows, 0,
+            "it read the log after the holder's commit"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_apply_the_migrations_once() {
+        let db = TestDatabase::create().await;
+        let connects: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                tokio::spawn(async move { PostgresStore::connect_with(&url, test_options()).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for connect in connects {
+            stores.push(connect.await.expect("task").expect("connect"));
+        }
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+            .fetch_one(&stores[0].pool)
+            .await
+            .expect("count migrations");
+        assert_eq!(applied, 1);
+        for store in stores {
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_rejects_other_schemes() {
+        for url in [
+            "sqlite://tandem.db",
+            "mysql://localhost/tandem",
+            "localhost",
+        ] {
+            let err = PostgresStore::connect(url).await.expect_err("not postgres");
+            assert!(matches!(err, StoreError::Config(_)), "{url}: {err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_fails_within_the_acquire_timeout_when_nothing_listens() {
+        // Port 1 on loopback: nothing listens there.
+        let started = Instant::now();
+        let options = PostgresOptions {
+            acquire_timeout: Duration::from_secs(2),
+            ..test_options()
+        };
+        let err = PostgresStore::connect_with("postgres://postgres@127.0.0.1:1/postgres", options)
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn test_urls_name_the_test_database() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
+            "postgres://postgres@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgresql://u:p@h/db?sslmode=disable", "t1"),
+            "postgresql://u:p@h/t1?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h:5432", "t1"),
+            "postgres://h:5432/t1"
+        );
+    }
+
+    #[test]
+    fn insert_chunks_are_bounded_by_rows_and_bytes() {
+        let small = |n: usize| -> Vec<Append> {
+            (0..n)
+                .map(|_| Append {
+                    room: room("r"),
+                    data: Bytes::from_static(b"x"),
+                    origin: Arc::from("t"),
+                })
+                .collect()
+        };
+        let batch = small(ROWS_PER_INSERT * 2 + 1);
+        assert_eq!(chunk_end(&batch, 0), ROWS_PER_INSERT);
+        assert_eq!(chunk_end(&batch, ROWS_PER_INSERT * 2), batch.len());
+
+        let big = Bytes::from(vec![0u8; BYTES_PER_INSERT / 2 + 1]);
+        let batch: Vec<Append> = (0..3)
+            .map(|_| Append {
+                room: room("r"),
+                data: big.clone(),
+                origin: Arc::from("t"),
+            })
+            .collect();
+        assert_eq!(chunk_end(&batch, 0), 1, "two halves and a byte do not fit");
+        // A single update larger than the limit still goes, alone.
+        let huge = [Append {
+            room: room("r"),
+            data: Bytes::from(vec![0u8; BYTES_PER_INSERT + 1]),
+            origin: Arc::from("t"),
+        }];
+        assert_eq!(chunk_end(&huge, 0), 1);
+    }
+}
