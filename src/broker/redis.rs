@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 
 use super::{channel_room, room_channel, Broker, BrokerError, Inbound, PublishError, NODE_CHANNEL};
 use crate::ids::RoomId;
+use crate::metrics::METRICS;
 
 /// Default for [`RedisOptions::queue_capacity`]: envelopes waiting for the publisher task.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
@@ -137,7 +138,8 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Counters of one [`RedisBroker`], for `/metrics`. All only grow.
+/// Counters of one [`RedisBroker`]. All only grow. Each is also added to the process-wide
+/// `tandem_redis_*_total` counters of [`METRICS`], which `/metrics` exports.
 #[derive(Debug, Default)]
 pub struct RedisStats {
     published: AtomicU64,
@@ -195,12 +197,14 @@ impl Shared {
     fn report_gap(&self, why: &str) {
         info!(why, "redis broker: envelopes may have been lost, resyncing");
         self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        METRICS.redis_gaps.inc();
         self.inbound.gap();
     }
 
     /// Hands one pub/sub message to the handler.
     fn deliver(&self, message: Message) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
+        METRICS.redis_received.inc();
         let payload = message.value.into_bytes().unwrap_or_default();
         if &*message.channel == NODE_CHANNEL {
             self.inbound.node_event(payload);
@@ -350,6 +354,7 @@ impl RedisBroker {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.shared.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                METRICS.redis_queue_full.inc();
                 Err(PublishError::Full)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(PublishError::Closed),
@@ -537,6 +542,7 @@ async fn send_batch(client: &Client, batch: &mut Vec<Outgoing>, shared: &Shared)
         0 // One error for the whole pipeline (timeout, connection closed).
     };
     shared.stats.published.fetch_add(sent, Ordering::Relaxed);
+    METRICS.redis_published.add(sent);
     if sent < n {
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             warn!(error = %e, lost = n - sent, "redis publisher: publishes failed");
@@ -555,6 +561,7 @@ fn record_drops(shared: &Shared, n: u64, why: &str) {
         );
     }
     shared.stats.dropped.fetch_add(n, Ordering::Relaxed);
+    METRICS.redis_publish_failed.add(n);
 }
 
 /// Hands every message to the handler until the subscriber quits. Falling behind fred's
@@ -609,6 +616,7 @@ impl Watcher {
                         Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
                     ) {}
                     self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    METRICS.redis_reconnects.inc();
                     info!("redis subscriber reconnected; restoring subscriptions");
                     if self.resubscribe_until_done().await {
                         self.shared.report_gap("the redis subscriber reconnected");
@@ -619,6 +627,7 @@ impl Watcher {
                         return;
                     }
                     self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    METRICS.redis_reconnects.inc();
                     info!("redis publisher reconnected");
                     if self.shared.publish_lost.swap(false, Ordering::AcqRel) {
                         self.shared.report_gap("the redis publisher reconnected after dropping envelopes");

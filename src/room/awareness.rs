@@ -12,6 +12,7 @@ use tandem_protocol::awareness::{encode_entries, AwarenessEntry, AwarenessUpdate
 use tokio::time::Instant;
 
 use crate::ids::{ConnId, NodeId};
+use crate::metrics::METRICS;
 
 /// Who announced a client's state: a connection on this node, or another node (which relayed
 /// it from one of its connections).
@@ -52,19 +53,23 @@ impl Awareness {
     /// relayed.
     pub fn apply(&mut self, owner: &Owner, update: &AwarenessUpdate<'_>, now: Instant) -> bool {
         let mut news = false;
+        // Change in live states, for the process-wide gauge.
+        let mut live_delta = 0i64;
         for entry in &update.entries {
             let removal = entry.is_removal();
-            let accept = match self.clients.get(&entry.client_id) {
-                None => true,
-                Some(cur) => {
+            let (accept, was_live) = match self.clients.get(&entry.client_id) {
+                None => (true, false),
+                Some(cur) => (
                     entry.clock > cur.clock
-                        || (entry.clock == cur.clock && removal && cur.state.is_some())
-                }
+                        || (entry.clock == cur.clock && removal && cur.state.is_some()),
+                    cur.state.is_some(),
+                ),
             };
             if !accept {
                 continue;
             }
             news = true;
+            live_delta += i64::from(!removal) - i64::from(was_live);
             self.clients.insert(
                 entry.client_id,
                 ClientState {
@@ -74,6 +79,9 @@ impl Awareness {
                     renewed: now,
                 },
             );
+        }
+        if live_delta != 0 {
+            METRICS.awareness_states.add(live_delta);
         }
         news
     }
@@ -142,6 +150,7 @@ impl Awareness {
         if gone.is_empty() {
             return None;
         }
+        METRICS.awareness_states.add(-(gone.len() as i64));
         gone.sort_unstable();
         let mut out = Vec::new();
         encode_entries(
@@ -153,6 +162,16 @@ impl Awareness {
             }),
         );
         Some(out)
+    }
+}
+
+impl Drop for Awareness {
+    /// The room is unloading: its live states are no longer held.
+    fn drop(&mut self) {
+        let live = self.live();
+        if live > 0 {
+            METRICS.awareness_states.add(-(live as i64));
+        }
     }
 }
 

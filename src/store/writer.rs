@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Append, DynStore};
+use crate::metrics::METRICS;
 
 /// Told when an update it submitted is durable.
 pub trait CommitListener: Send + Sync + 'static {
@@ -188,7 +189,8 @@ impl WriterTask {
         // `recv_many` returns 0 only once the queue is closed (every `StoreWriter` dropped) and
         // empty, so everything submitted before that has been committed when the loop ends.
         while self.rx.recv_many(&mut requests, max_batch).await > 0 {
-            let deadline = Instant::now() + self.opts.window;
+            let taken = Instant::now();
+            let deadline = taken + self.opts.window;
             while requests.len() < max_batch {
                 let room = max_batch - requests.len();
                 match tokio::time::timeout_at(deadline, self.rx.recv_many(&mut requests, room))
@@ -198,14 +200,15 @@ impl WriterTask {
                     Ok(_) => {}
                 }
             }
-            self.commit(&mut requests).await;
+            self.commit(&mut requests, taken).await;
         }
         tracing::debug!("store writer stopped: every handle dropped and the queue is flushed");
     }
 
     /// Appends `requests` as one batch, retrying until the store accepts it, then acknowledges
-    /// each request in order. Leaves `requests` empty.
-    async fn commit(&self, requests: &mut Vec<WriteRequest>) {
+    /// each request in order. Leaves `requests` empty. `taken` is when the batch's first request
+    /// left the queue.
+    async fn commit(&self, requests: &mut Vec<WriteRequest>, taken: Instant) {
         let (appends, acks): (Vec<Append>, Vec<Ack>) = requests
             .drain(..)
             .map(|req| (req.append, (req.seq, req.listener)))
@@ -214,7 +217,10 @@ impl WriterTask {
         let mut backoff = self.opts.retry_initial;
         let mut failures = 0u32;
         let ids = loop {
-            match self.store.append(&appends).await {
+            let attempt = Instant::now();
+            let appended = self.store.append(&appends).await;
+            METRICS.store_append_seconds.observe(attempt.elapsed());
+            match appended {
                 Ok(ids) => {
                     self.stats.failing.store(false, Ordering::Relaxed);
                     break ids;
@@ -222,6 +228,7 @@ impl WriterTask {
                 Err(error) => {
                     failures += 1;
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    METRICS.store_errors.append.inc();
                     self.stats.failing.store(true, Ordering::Relaxed);
                     tracing::warn!(
                         %error,
@@ -256,6 +263,8 @@ impl WriterTask {
         self.stats
             .rows
             .fetch_add(appends.len() as u64, Ordering::Relaxed);
+        METRICS.store_group_size.observe(appends.len());
+        METRICS.store_commit_seconds.observe(taken.elapsed());
         for ((seq, listener), id) in acks.into_iter().zip(ids) {
             listener.committed(seq, id);
         }
