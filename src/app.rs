@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::{keys, Authenticator, KeyError};
 use crate::broker::memory::MemoryBus;
 use crate::broker::redis::{self, RedisOptions};
 use crate::broker::{Broker, BrokerError};
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::http::{self, HttpState};
 use crate::hub::{Hub, HubInbound};
 use crate::room::RoomContext;
+use crate::session::limits::AddressLimiter;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::writer::StoreWriter;
@@ -32,6 +34,12 @@ pub enum AppError {
     /// The broker could not be set up.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The JWT keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The listener could not be used.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// A configured node, ready to serve.
@@ -86,8 +94,16 @@ impl App {
     }
 
     /// Starts serving on `listener` in the background.
-    pub fn start(self, listener: TcpListener) -> std::io::Result<Running> {
+    pub fn start(self, listener: TcpListener) -> Result<Running, AppError> {
         let addr = listener.local_addr()?;
+        let auth = Arc::new(Authenticator::new(self.config.auth.clone())?);
+        if auth.enabled() {
+            info!(keys = %keys::describe(&self.config.auth.keys), "tokens required");
+        } else if addr.ip().is_loopback() {
+            info!("no JWT keys configured: every connection may read and write (loopback only)");
+        } else {
+            warn!(%addr, "authentication is OFF (--insecure-no-auth): anyone who reaches this address may read and write every room");
+        }
         let shutdown = CancellationToken::new();
         let (writer, writer_task) =
             StoreWriter::spawn(self.store.clone(), self.config.writer.clone());
@@ -112,6 +128,8 @@ impl App {
             broker: self.broker.clone(),
             writer: writer_stats,
             session: Arc::new(self.config.session.clone()),
+            auth: auth.clone(),
+            addresses: AddressLimiter::new(self.config.session.max_connections_per_address),
             shutdown: shutdown.clone(),
             connections: connections.clone(),
         };
@@ -161,6 +179,7 @@ impl App {
             addr,
             shutdown,
             hub,
+            auth,
             task,
         })
     }
@@ -171,6 +190,7 @@ pub struct Running {
     addr: SocketAddr,
     shutdown: CancellationToken,
     hub: Hub,
+    auth: Arc<Authenticator>,
     task: JoinHandle<()>,
 }
 
@@ -183,6 +203,11 @@ impl Running {
     /// The node's rooms.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// The node's token verifier (its keys reload with [`Authenticator::reload`]).
+    pub fn authenticator(&self) -> Arc<Authenticator> {
+        self.auth.clone()
     }
 
     /// Cancelling this token starts a graceful shutdown.

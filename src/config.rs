@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::AuthSettings;
 use crate::ids::NodeId;
 use crate::room::RoomSettings;
 use crate::session::SessionSettings;
@@ -27,6 +28,8 @@ pub struct Config {
     pub redis_sharded: bool,
     /// Per-connection limits and timings.
     pub session: SessionSettings,
+    /// Tokens, grants and browser origins.
+    pub auth: AuthSettings,
     /// Room behaviour.
     pub rooms: RoomSettings,
     /// Group-commit tuning.
@@ -45,6 +48,7 @@ impl Default for Config {
             redis_url: None,
             redis_sharded: false,
             session: SessionSettings::default(),
+            auth: AuthSettings::default(),
             rooms: RoomSettings::default(),
             writer: WriterOptions::default(),
             shutdown_timeout: Duration::from_secs(10),
@@ -83,6 +87,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "compaction thresholds must be positive".into(),
             ));
+        }
+        if self.auth.keys.is_empty() && !self.auth.insecure_no_auth && !self.bind.ip().is_loopback()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to serve {} without authentication: anyone who reaches it could read \
+                 and write every room. Give --jwt-secret or --jwt-keys, or --insecure-no-auth to \
+                 serve without (e.g. behind a gateway that authenticates)",
+                self.bind
+            )));
         }
         if let Some(url) = &self.database_url {
             let supported = ["sqlite:", "postgres://", "postgresql://"];
@@ -128,6 +141,27 @@ mod tests {
             };
             c.validate().unwrap_or_else(|e| panic!("{url}: {e}"));
         }
+    }
+
+    #[test]
+    fn without_keys_only_loopback_is_served_unless_insecure() {
+        let public = Config {
+            bind: "0.0.0.0:1234".parse().unwrap(),
+            ..Config::default()
+        };
+        let err = public.validate().unwrap_err().to_string();
+        assert!(err.contains("--insecure-no-auth"), "{err}");
+        let mut insecure = public.clone();
+        insecure.auth.insecure_no_auth = true;
+        insecure.validate().unwrap();
+        let mut keyed = public.clone();
+        keyed.auth.keys.secret = Some("x".repeat(32));
+        keyed.validate().unwrap();
+        let v6 = Config {
+            bind: "[::1]:1234".parse().unwrap(),
+            ..Config::default()
+        };
+        v6.validate().unwrap();
     }
 
     #[test]

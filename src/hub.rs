@@ -99,14 +99,25 @@ impl Hub {
             if self.inner.ctx.shutdown.is_cancelled() {
                 return Err(JoinError::ShuttingDown);
             }
+            let max_rooms = self.inner.ctx.settings.max_rooms;
+            if max_rooms > 0 && self.len() >= max_rooms && !self.is_loaded(room) {
+                return Err(JoinError::TooManyRooms);
+            }
             match self.room(room).join(conn, outbox.clone()).await {
                 Err(JoinError::Unloading) => {
                     last = JoinError::Unloading;
                     tokio::task::yield_now().await;
                 }
+                Err(JoinError::LoadFailed) => {
+                    // The connection closes with 1013.
+                    METRICS.try_again_later.load_failed.inc();
+                    return Err(JoinError::LoadFailed);
+                }
                 other => return other,
             }
         }
+        // The connection closes with 1013.
+        METRICS.try_again_later.room_busy.inc();
         Err(last)
     }
 

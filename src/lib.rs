@@ -7,6 +7,7 @@
 //! `doc` and the pure parts of `room` (awareness, persistence policy) touch no sockets and no SQL.
 
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod doc;

@@ -81,6 +81,70 @@ struct Args {
     /// How long a graceful shutdown (SIGINT/SIGTERM) may take to flush and close.
     #[arg(long, env = "TANDEM_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+
+    /// Shared secret (at least 32 bytes) for HS256/HS384/HS512 tokens.
+    #[arg(long, env = "TANDEM_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    /// PEM public key (RSA, EC P-256/P-384, Ed25519) or JWKS file; repeat for several, or
+    /// separate with commas in the env var. Reloaded on SIGHUP.
+    #[arg(long, env = "TANDEM_JWT_KEYS", value_delimiter = ',')]
+    jwt_keys: Vec<PathBuf>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "TANDEM_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+
+    /// Required `aud` claim (the token's audience must include it).
+    #[arg(long, env = "TANDEM_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+
+    /// Serve without tokens on a non-loopback address (everyone may read and write every room).
+    #[arg(long, env = "TANDEM_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+
+    /// Whether read-only connections may publish presence (awareness).
+    #[arg(long, env = "TANDEM_READONLY_AWARENESS", default_value_t = true, action = clap::ArgAction::Set)]
+    readonly_awareness: bool,
+
+    /// Browser origins allowed to open WebSockets (`https://app.example.com`); repeat or
+    /// separate with commas. Upgrades from other origins get 403. Default: any origin.
+    #[arg(long, env = "TANDEM_ALLOW_ORIGIN", value_delimiter = ',')]
+    allow_origin: Vec<String>,
+
+    /// Largest document in encoded bytes; writes past it close the writer with 1009. 0: no limit.
+    #[arg(long, env = "TANDEM_MAX_DOCUMENT_SIZE", default_value_t = 64 << 20)]
+    max_document_size: usize,
+
+    /// Connections one room serves at once on this node (1013 beyond). 0: no limit.
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_ROOM", default_value_t = 5000)]
+    max_connections_per_room: usize,
+
+    /// Connections open at once from one client address (1013 beyond). 0: no limit. Behind a
+    /// proxy every client has the proxy's address: set 0 there and limit at the proxy.
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
+    max_connections_per_ip: usize,
+
+    /// Rooms loaded at once on this node (joins of new rooms get 1013 beyond). 0: no limit.
+    #[arg(long, env = "TANDEM_MAX_ROOMS", default_value_t = 100_000)]
+    max_rooms: usize,
+
+    /// WebSocket messages a connection may send per second (4429 beyond; bursts of twice as
+    /// many pass). 0: no limit.
+    #[arg(long, env = "TANDEM_RATE_MESSAGES", default_value_t = 500)]
+    rate_messages: u64,
+
+    /// Bytes a connection may send per second (4429 beyond). 0: no limit.
+    #[arg(long, env = "TANDEM_RATE_BYTES", default_value_t = 16 << 20)]
+    rate_bytes: u64,
+
+    /// Time allowed between connecting and the first valid message (1008 after it).
+    #[arg(long, env = "TANDEM_FIRST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    first_message_timeout: Duration,
+
+    /// A connection that sends nothing for this long is closed with 1001. `0s`: never.
+    #[arg(long, env = "TANDEM_IDLE_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -104,6 +168,21 @@ impl Args {
         c.session.max_message_bytes = self.max_message_size;
         c.session.outbox_bytes = self.outbox_limit;
         c.session.ping_interval = self.ping_interval;
+        c.session.first_message_timeout = self.first_message_timeout;
+        c.session.idle_timeout = (!self.idle_timeout.is_zero()).then_some(self.idle_timeout);
+        c.session.rate_messages = self.rate_messages;
+        c.session.rate_bytes = self.rate_bytes;
+        c.session.max_connections_per_address = self.max_connections_per_ip;
+        c.rooms.max_peers = self.max_connections_per_room;
+        c.rooms.max_rooms = self.max_rooms;
+        c.rooms.max_document_bytes = self.max_document_size;
+        c.auth.keys.secret = self.jwt_secret;
+        c.auth.keys.files = self.jwt_keys;
+        c.auth.issuer = self.jwt_issuer;
+        c.auth.audience = self.jwt_audience;
+        c.auth.insecure_no_auth = self.insecure_no_auth;
+        c.auth.readonly_awareness = self.readonly_awareness;
+        c.auth.allowed_origins = self.allow_origin;
         c.rooms.idle_grace = self.room_idle_grace;
         c.rooms.echo_own_updates = self.echo_own_updates;
         c.rooms.compaction.max_updates = self.compact_updates;
@@ -135,6 +214,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {bind}"))?;
     let running = app.start(listener).context("starting the server")?;
+    #[cfg(unix)]
+    reload_keys_on_sighup(running.authenticator())?;
     let token = running.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -142,6 +223,28 @@ async fn main() -> anyhow::Result<()> {
         token.cancel();
     });
     running.wait().await;
+    Ok(())
+}
+
+/// SIGHUP reads the JWT key files again; a file that fails to load keeps the old keys.
+#[cfg(unix)]
+fn reload_keys_on_sighup(auth: std::sync::Arc<tandem::auth::Authenticator>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if !auth.enabled() {
+                info!("SIGHUP: no JWT keys configured, nothing to reload");
+                continue;
+            }
+            match auth.reload() {
+                Ok(n) => info!(keys = n, "SIGHUP: JWT keys reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: JWT keys not reloaded; the old keys stay in use")
+                }
+            }
+        }
+    });
     Ok(())
 }
 

@@ -180,6 +180,11 @@ async fn a_client_that_never_reads_is_closed_while_others_keep_receiving() {
     let server = TestServer::start_with(|c| {
         c.session.outbox_bytes = 256 << 10;
         c.session.max_message_bytes = 256 << 10;
+        // The writer goes as fast as it can, and the sleeper must be closed for not reading,
+        // not for its silence or the writer for its rate.
+        c.session.rate_messages = 0;
+        c.session.rate_bytes = 0;
+        c.session.first_message_timeout = Duration::from_secs(3600);
     })
     .await;
     let url = server.url("slow");

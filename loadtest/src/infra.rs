@@ -200,7 +200,11 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--database-url", &db_url]);
+            .args(["--database-url", &db_url])
+            // A load generator is one address that sends as fast as it is asked to: the
+            // per-connection rate and per-address limits would measure themselves.
+            .args(["--rate-messages", "0", "--rate-bytes", "0"])
+            .args(["--max-connections-per-ip", "0"]);
             if let Some(r) = &redis_url {
                 cmd.args(["--redis-url", r]);
             }

@@ -175,6 +175,14 @@ impl YDoc {
         )
     }
 
+    /// The size of the whole document encoded as one update.
+    pub fn encoded_len(&self) -> usize {
+        self.doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+            .len()
+    }
+
     /// What this document holds, for the node-to-node state exchange: the encoded state vector
     /// and a digest of the delete set. The digest is independent of how ranges are fragmented
     /// (per client: how many clocks are deleted and their sum), so equal documents have equal

@@ -7,19 +7,22 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use tandem_protocol::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, info};
 
+use crate::auth::{token, AuthError, Authenticator};
 use crate::broker::Broker;
 use crate::hub::Hub;
 use crate::ids::RoomId;
-use crate::metrics::METRICS;
-use crate::session::{self, SessionSettings};
+use crate::metrics::{Refused, METRICS};
+use crate::session::limits::AddressLimiter;
+use crate::session::{self, Refusal, SessionSettings};
 use crate::store::writer::WriterStats;
 use crate::store::DynStore;
 
@@ -36,6 +39,10 @@ pub struct HttpState {
     pub writer: Arc<WriterStats>,
     /// Per-connection limits.
     pub session: Arc<SessionSettings>,
+    /// Token verification and room grants.
+    pub auth: Arc<Authenticator>,
+    /// Open connections per client address.
+    pub addresses: AddressLimiter,
     /// Cancelled at shutdown: readiness turns false and new upgrades are refused.
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so that shutdown can wait for them.
@@ -62,12 +69,19 @@ async fn index() -> &'static str {
 async fn reserved(
     State(state): State<HttpState>,
     uri: Uri,
+    headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let path = uri.path();
     if let Ok(ws) = ws {
-        return upgrade_room(state, path.trim_start_matches('/'), peer, ws);
+        let request = Upgrade {
+            room: path.trim_start_matches('/'),
+            query: uri.query(),
+            headers: &headers,
+            peer,
+        };
+        return upgrade_room(state, request, ws);
     }
     match path {
         "/healthz" => healthz().await.into_response(),
@@ -129,25 +143,74 @@ async fn metrics() -> Response {
 async fn upgrade(
     State(state): State<HttpState>,
     Path(room): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade_room(state, &room, peer, ws)
+    let request = Upgrade {
+        room: &room,
+        query: uri.query(),
+        headers: &headers,
+        peer,
+    };
+    upgrade_room(state, request, ws)
 }
 
-fn upgrade_room(state: HttpState, room: &str, peer: SocketAddr, ws: WebSocketUpgrade) -> Response {
+/// What an upgrade request says about who connects where. The query string may hold a token:
+/// it is never logged.
+struct Upgrade<'a> {
+    room: &'a str,
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+    peer: SocketAddr,
+}
+
+fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WebSocketUpgrade) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    let room = match RoomId::new(room) {
+    let peer = request.peer;
+    let room = match RoomId::new(request.room) {
         Ok(room) => room,
         Err(e) => {
             debug!(error = %e, "bad room name");
             return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
         }
     };
+    // Cross-site WebSocket hijacking: a page from another origin is refused before the upgrade.
+    if let Some(origin) = request.headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("<not text>");
+        if !state.auth.origin_allowed(origin) {
+            info!(%peer, %room, origin, "upgrade refused: origin not allowed");
+            METRICS.refused.inc(Refused::Origin);
+            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        }
+    }
+    let token = token::extract(request.headers, request.query);
+    let slot = state.addresses.acquire(peer.ip());
+    let verdict = match (&slot, state.auth.authorize(token.as_deref(), room.as_str())) {
+        (None, _) => Err(Refusal {
+            code: CloseCode::TryAgainLater,
+            reason: "too many connections from this address".into(),
+            auth_message: false,
+            metric: Refused::AddressLimit,
+        }),
+        (Some(_), Ok(grant)) => Ok(grant),
+        (Some(_), Err(e)) => Err(Refusal {
+            code: e.close_code(),
+            reason: e.to_string(),
+            auth_message: true,
+            metric: match e {
+                AuthError::Missing => Refused::MissingToken,
+                AuthError::Invalid(_) => Refused::InvalidToken,
+                AuthError::Forbidden => Refused::Forbidden,
+            },
+        }),
+    };
     let s = &state.session;
-    ws.read_buffer_size(s.read_buffer_bytes)
+    ws.protocols([token::SUBPROTOCOL])
+        .read_buffer_size(s.read_buffer_bytes)
         .write_buffer_size(s.write_buffer_bytes)
         .max_message_size(s.max_message_bytes)
         .max_frame_size(s.max_message_bytes)
@@ -156,8 +219,21 @@ fn upgrade_room(state: HttpState, room: &str, peer: SocketAddr, ws: WebSocketUpg
                 hub,
                 session,
                 connections,
+                auth,
                 ..
             } = state;
-            connections.track_future(session::serve(socket, hub, session, room, peer))
+            let readonly_awareness = auth.settings().readonly_awareness;
+            connections.track_future(session::serve(
+                socket,
+                hub,
+                session,
+                session::Admission {
+                    room,
+                    peer,
+                    verdict,
+                    readonly_awareness,
+                    slot,
+                },
+            ))
         })
 }

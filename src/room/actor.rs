@@ -20,7 +20,7 @@ use crate::broker::envelope::{decode_sync_step1, encode_sync_step1, Envelope, Ki
 use crate::broker::{Broker, PublishError};
 use crate::doc::{Applied, DecodedUpdate, DocError, YDoc, YrsFold};
 use crate::ids::{ConnId, NodeId, RoomId};
-use crate::metrics::METRICS;
+use crate::metrics::{Refused, METRICS};
 use crate::session::outbox::{Outbox, PushError};
 use crate::store::writer::{CommitListener, StoreWriter, WriteRequest};
 use crate::store::{Append, Compacted, DynStore};
@@ -76,6 +76,7 @@ pub(crate) fn spawn(
                 next_seq: 0,
                 inflight: VecDeque::new(),
                 empty_since: Some(Instant::now()),
+                approx_bytes: 0,
                 on_exit: Some(on_exit),
             };
             actor.run().await;
@@ -137,6 +138,10 @@ struct Actor {
     inflight: VecDeque<(u64, usize)>,
     /// When the last peer left; `None` while anyone is here.
     empty_since: Option<Instant>,
+    /// An upper bound of the document's encoded size: exact after a measure, then grown by
+    /// every change (updates overlap, so the sum overestimates; it is measured again before
+    /// refusing anything).
+    approx_bytes: usize,
     on_exit: Option<OnExit>,
 }
 
@@ -178,11 +183,17 @@ impl Actor {
     }
 
     async fn load(&mut self) -> Result<(), LoadError> {
-        let stored = self.ctx.store.load(&self.room).await?;
+        let stored = self
+            .ctx
+            .store
+            .load(&self.room)
+            .await
+            .inspect_err(|_| METRICS.store_errors.load.inc())?;
         let tail: Vec<Bytes> = stored.updates.iter().map(|(_, b)| b.clone()).collect();
         let bytes = tail.iter().map(Bytes::len).sum();
         self.doc = YDoc::load(stored.snapshot.as_ref().map(|s| &s.state[..]), &tail)?;
         self.log = LogState::loaded(tail.len(), bytes, stored.last_id());
+        self.approx_bytes = bytes + stored.snapshot.as_ref().map_or(0, |s| s.state.len());
         debug!(rows = tail.len(), "room loaded");
         Ok(())
     }
@@ -279,6 +290,11 @@ impl Actor {
             let _ = reply.send(Err(JoinError::ShuttingDown));
             return;
         }
+        let max_peers = self.ctx.settings.max_peers;
+        if max_peers > 0 && self.peers.len() >= max_peers {
+            let _ = reply.send(Err(JoinError::Full));
+            return;
+        }
         // Our step 1 first, then presence: the same order as the stock server.
         let step1 = Message::Sync(SyncMessage::Step1(&self.doc.state_vector())).to_frame();
         if outbox.push(Bytes::from(step1)).is_err() {
@@ -291,6 +307,7 @@ impl Actor {
             self.peers.insert(conn, Peer::new(outbox));
             self.empty_since = None;
             METRICS.peers_joined.inc();
+            METRICS.room_peers.observe(self.peers.len());
         }
     }
 
@@ -331,6 +348,20 @@ impl Actor {
     }
 
     async fn apply(&mut self, conn: ConnId, update: DecodedUpdate) -> Result<(), Poisoned> {
+        if !self.peers.contains_key(&conn) {
+            return Ok(());
+        }
+        if !self.fits(update.raw().len()) {
+            warn!(conn = %conn, limit = self.ctx.settings.max_document_bytes, "document at its size limit; refusing a write with 1009");
+            METRICS.closes.inc(CloseCode::TooBig);
+            METRICS.refused.inc(Refused::DocumentTooLarge);
+            if let Some(peer) = self.peers.get(&conn) {
+                peer.outbox
+                    .close(CloseCode::TooBig, "document size limit reached");
+            }
+            self.leave(conn);
+            return Ok(());
+        }
         let Some(peer) = self.peers.get(&conn) else {
             return Ok(());
         };
@@ -340,6 +371,7 @@ impl Actor {
             // keeps its edit and sends it again when it reconnects.
             warn!(conn = %conn, "store not keeping up; refusing a write with 1013");
             METRICS.closes.inc(CloseCode::TryAgainLater);
+            METRICS.try_again_later.store_backlog.inc();
             peer.outbox.close(
                 CloseCode::TryAgainLater,
                 "storage unavailable, try again later",
@@ -376,7 +408,10 @@ impl Actor {
             Ok(Applied::Changed {
                 effective,
                 complete,
-            }) => (effective, complete),
+            }) => {
+                self.approx_bytes += effective.len();
+                (effective, complete)
+            }
             Err(e) => {
                 if let Some(p) = self.peers.get(&conn) {
                     refuse(&p.outbox, conn, &e);
@@ -470,6 +505,7 @@ impl Actor {
                 Err(PushError::Overflow) => {
                     warn!(conn = %id, "slow consumer closed with 1013");
                     METRICS.closes.inc(CloseCode::TryAgainLater);
+                    METRICS.try_again_later.slow_consumer.inc();
                     overflowed.push(id);
                 }
                 Err(PushError::Closed) => overflowed.push(id),
@@ -585,6 +621,7 @@ impl Actor {
         };
         match self.doc.apply(update) {
             Ok(Applied::Changed { effective, .. }) => {
+                self.approx_bytes += effective.len();
                 let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
                 self.broadcast(&frame, None);
                 Ok(())
@@ -596,6 +633,17 @@ impl Actor {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the document may take an update of `len` bytes without passing its size limit.
+    /// The estimate is checked first; only when it says no is the document measured.
+    fn fits(&mut self, len: usize) -> bool {
+        let max = self.ctx.settings.max_document_bytes;
+        if max == 0 || self.approx_bytes + len <= max {
+            return true;
+        }
+        self.approx_bytes = self.doc.encoded_len();
+        self.approx_bytes + len <= max
     }
 
     fn on_notice(&mut self, notice: Notice) {
@@ -714,6 +762,7 @@ impl CompactionJob {
                 Some(folded)
             }
             Err(e) => {
+                METRICS.store_errors.compact.inc();
                 warn!(room = %self.room, error = %e, "compaction failed");
                 None
             }

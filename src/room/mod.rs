@@ -42,6 +42,13 @@ pub struct RoomSettings {
     /// Send each connection its own updates back once they are stored (for y-websocket v4
     /// providers, whose sync status counts that echo as confirmation). Off by default.
     pub echo_own_updates: bool,
+    /// Connections one room serves at once on this node; 0: unlimited.
+    pub max_peers: usize,
+    /// Rooms loaded at once on this node; 0: unlimited.
+    pub max_rooms: usize,
+    /// Largest document, in encoded bytes: updates that would grow it past this are refused
+    /// (the sender is closed with 1009; what is stored stays). 0: unlimited.
+    pub max_document_bytes: usize,
 }
 
 impl Default for RoomSettings {
@@ -54,6 +61,9 @@ impl Default for RoomSettings {
             compaction: CompactionPolicy::default(),
             sync_interval: Duration::from_secs(10),
             echo_own_updates: false,
+            max_peers: 5000,
+            max_rooms: 100_000,
+            max_document_bytes: 64 << 20,
         }
     }
 }
@@ -70,6 +80,12 @@ pub enum JoinError {
     /// The node is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The room has as many connections as it may.
+    #[error("the room is full")]
+    Full,
+    /// The node has as many rooms loaded as it may.
+    #[error("the node has too many rooms loaded")]
+    TooManyRooms,
 }
 
 /// A message to a room actor.

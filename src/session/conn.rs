@@ -9,13 +9,16 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tandem_protocol::{AwarenessUpdate, CloseCode, Message, MessageReader, SyncMessage};
+use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
+use super::limits::{AddressSlot, TokenBucket};
 use super::outbox::{outbox, Next, Outbox, OutboxReceiver};
+use crate::auth::{Access, Grant};
 use crate::doc::{check_state_vector, DecodedUpdate};
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId};
-use crate::metrics::METRICS;
+use crate::metrics::{Refused, METRICS};
 use crate::room::{JoinError, RoomCommand, RoomHandle};
 
 /// Per-connection limits and timings.
@@ -35,6 +38,17 @@ pub struct SessionSettings {
     pub max_coalesce_frames: usize,
     /// How long a close frame may take to leave before the socket is simply dropped.
     pub close_timeout: Duration,
+    /// Time allowed between the upgrade and the first valid message (1008 after it).
+    pub first_message_timeout: Duration,
+    /// A connection that sends nothing for this long is closed (1001); `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// WebSocket messages a connection may send per second (4429 beyond); 0: unlimited.
+    pub rate_messages: u64,
+    /// Bytes a connection may send per second (4429 beyond); 0: unlimited. The bucket holds at
+    /// least one message of the maximum size.
+    pub rate_bytes: u64,
+    /// Connections open at once from one client address (1013 beyond); 0: unlimited.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for SessionSettings {
@@ -47,8 +61,41 @@ impl Default for SessionSettings {
             write_buffer_bytes: 16 << 10,
             max_coalesce_frames: 256,
             close_timeout: Duration::from_secs(1),
+            first_message_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(15 * 60)),
+            rate_messages: 500,
+            rate_bytes: 16 << 20,
+            max_connections_per_address: 1024,
         }
     }
+}
+
+/// Who connects where, and what the upgrade decided about them.
+pub struct Admission {
+    /// The room the connection joins.
+    pub room: RoomId,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// What the connection may do, or why it is refused.
+    pub verdict: Result<Grant, Refusal>,
+    /// Whether read-only connections may publish presence.
+    pub readonly_awareness: bool,
+    /// The connection's place in the per-address count, held while it is open.
+    pub slot: Option<AddressSlot>,
+}
+
+/// A connection refused at the door: told why (auth refusals also with the y-websocket
+/// "permission denied" message, which stock providers log) and closed.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The close code.
+    pub code: CloseCode,
+    /// The close reason.
+    pub reason: String,
+    /// Whether to send the y-websocket permission-denied message first.
+    pub auth_message: bool,
+    /// The metric label.
+    pub metric: Refused,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -56,14 +103,66 @@ pub async fn serve(
     socket: WebSocket,
     hub: Hub,
     settings: Arc<SessionSettings>,
-    room: RoomId,
-    peer: SocketAddr,
+    admission: Admission,
 ) {
     let conn = ConnId::next();
-    let span = tracing::info_span!("conn", conn = %conn, room = %room, peer = %peer);
-    run(socket, hub, settings, room, conn)
-        .instrument(span)
-        .await;
+    let user = admission
+        .verdict
+        .as_ref()
+        .map_or("-", |g| g.user.as_str())
+        .to_string();
+    let span = tracing::info_span!("conn", conn = %conn, room = %admission.room, peer = %admission.peer, user = %user);
+    async move {
+        match admission.verdict {
+            Ok(grant) => {
+                let perms = Permissions {
+                    write: grant.access == Access::ReadWrite,
+                    awareness: grant.access == Access::ReadWrite || admission.readonly_awareness,
+                };
+                run(socket, hub, settings, admission.room, conn, perms).await;
+            }
+            Err(refusal) => refuse(socket, &settings, refusal).await,
+        }
+        drop(admission.slot);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Tells a refused client why and closes.
+async fn refuse(mut socket: WebSocket, settings: &SessionSettings, refusal: Refusal) {
+    info!(code = refusal.code.code(), reason = %refusal.reason, "connection refused");
+    METRICS.closes.inc(refusal.code);
+    METRICS.refused.inc(refusal.metric);
+    let _ = tokio::time::timeout(settings.close_timeout, async {
+        if refusal.auth_message {
+            let frame = Message::AuthDenied(&refusal.reason).to_frame();
+            socket.send(WsMessage::Binary(frame.into())).await?;
+        }
+        socket
+            .send(WsMessage::Close(Some(CloseFrame {
+                code: refusal.code.code(),
+                reason: clip_reason(&refusal.reason).into(),
+            })))
+            .await?;
+        // Wait briefly for the client's close so the reason is not lost to a reset.
+        while let Some(Ok(msg)) = socket.next().await {
+            if matches!(msg, WsMessage::Close(_)) {
+                break;
+            }
+        }
+        Ok::<_, axum::Error>(())
+    })
+    .await;
+}
+
+/// What an admitted connection may send.
+#[derive(Debug, Clone, Copy)]
+struct Permissions {
+    /// Document updates are applied (else dropped and counted).
+    write: bool,
+    /// Awareness updates are relayed (else dropped and counted).
+    awareness: bool,
 }
 
 async fn run(
@@ -72,10 +171,11 @@ async fn run(
     settings: Arc<SessionSettings>,
     room: RoomId,
     conn: ConnId,
+    perms: Permissions,
 ) {
     METRICS.connections_opened.inc();
     METRICS.connections_open.inc();
-    let (sink, stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let (out, out_rx) = outbox(settings.outbox_bytes);
     let seen = Arc::new(AtomicBool::new(true));
     let writer = tokio::spawn(write_loop(sink, out_rx, settings.clone(), seen.clone()));
@@ -83,7 +183,15 @@ async fn run(
     match hub.join(&room, conn, out.clone()).await {
         Ok(membership) => {
             debug!("joined");
-            read_loop(stream, membership.handle(), &out, conn, &seen).await;
+            let reader = Reader {
+                room: membership.handle(),
+                out: &out,
+                conn,
+                seen: &seen,
+                settings: &settings,
+                perms,
+            };
+            reader.run(&mut stream).await;
             drop(membership);
         }
         Err(e) => {
@@ -94,70 +202,171 @@ async fn run(
                     "document could not be loaded, try again",
                 ),
                 JoinError::Unloading => (CloseCode::TryAgainLater, "room busy, try again"),
+                JoinError::Full => (CloseCode::TryAgainLater, "room is full"),
+                JoinError::TooManyRooms => {
+                    (CloseCode::TryAgainLater, "server has too many rooms open")
+                }
             };
             warn!(error = %e, "join refused");
             METRICS.closes.inc(code);
+            match e {
+                JoinError::Full => METRICS.refused.inc(Refused::RoomFull),
+                JoinError::TooManyRooms => METRICS.refused.inc(Refused::TooManyRooms),
+                _ => {}
+            }
             out.close(code, reason);
         }
     }
     out.close(CloseCode::Normal, "");
     drop(out);
-    let _ = writer.await;
+    // Keep reading while the writer sends the close frame, until the client answers it: a
+    // socket closed with unread bytes in it is reset, and the client would never see why it
+    // was closed (a bot flooding past its rate limit, say).
+    let drain = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, WsMessage::Close(_)) {
+                break;
+            }
+        }
+    };
+    let (_, _) = tokio::join!(
+        writer,
+        tokio::time::timeout(settings.close_timeout * 2, drain)
+    );
     METRICS.connections_open.dec();
     debug!("closed");
 }
 
-/// Reads frames until the client goes, breaks the protocol, or the server asks to close.
-async fn read_loop<S>(
-    mut stream: S,
-    room: &RoomHandle,
-    out: &Outbox,
+/// The reading half of an admitted connection.
+struct Reader<'a> {
+    room: &'a RoomHandle,
+    out: &'a Outbox,
     conn: ConnId,
-    seen: &AtomicBool,
-) where
-    S: Stream<Item = Result<WsMessage, axum::Error>> + Unpin,
-{
-    loop {
-        let msg = tokio::select! {
-            msg = stream.next() => msg,
-            () = out.closed() => return,
-        };
-        seen.store(true, Ordering::Relaxed);
-        let refusal = match msg {
-            None => return,
-            Some(Ok(WsMessage::Binary(frame))) => {
-                METRICS.frames_in.inc();
-                METRICS.bytes_in.add(frame.len() as u64);
-                match handle_frame(frame, room, conn).await {
-                    Ok(()) => continue,
-                    Err(FrameError::RoomGone) => {
-                        (CloseCode::Restarting, "room restarting".to_string())
+    seen: &'a AtomicBool,
+    settings: &'a SessionSettings,
+    perms: Permissions,
+}
+
+impl Reader<'_> {
+    /// Reads frames until the client goes, breaks the protocol or a limit, or the server asks
+    /// to close.
+    async fn run<S>(self, stream: &mut S)
+    where
+        S: Stream<Item = Result<WsMessage, axum::Error>> + Unpin,
+    {
+        let s = self.settings;
+        let mut messages = TokenBucket::new(s.rate_messages, s.rate_messages.saturating_mul(2));
+        let mut bytes =
+            TokenBucket::new(s.rate_bytes, (s.max_message_bytes as u64).max(s.rate_bytes));
+        // One timer: first the deadline for a first valid message, then the idle check, which
+        // re-arms itself from the last frame instead of being reset on every frame.
+        let timer = tokio::time::sleep(s.first_message_timeout);
+        tokio::pin!(timer);
+        let mut admitted = false;
+        let mut last_frame = Instant::now();
+        loop {
+            let msg = tokio::select! {
+                msg = stream.next() => msg,
+                () = self.out.closed() => return,
+                () = &mut timer => {
+                    let refusal = if !admitted {
+                        Some((Refused::FirstMessageTimeout, CloseCode::Policy, format!(
+                            "no valid message within {:?} of connecting", s.first_message_timeout)))
+                    } else {
+                        match s.idle_timeout {
+                            Some(idle) if last_frame + idle <= Instant::now() => Some((
+                                Refused::IdleTimeout, CloseCode::GoingAway,
+                                format!("idle for {idle:?}"))),
+                            Some(idle) => {
+                                timer.as_mut().reset(last_frame + idle);
+                                None
+                            }
+                            None => {
+                                timer.as_mut().reset(far_future());
+                                None
+                            }
+                        }
+                    };
+                    match refusal {
+                        Some((metric, code, reason)) => {
+                            METRICS.refused.inc(metric);
+                            self.close(code, reason);
+                            return;
+                        }
+                        None => continue,
                     }
-                    Err(FrameError::Refused(code, reason)) => (code, reason),
                 }
-            }
-            Some(Ok(WsMessage::Text(_))) => (
-                CloseCode::InvalidData,
-                "text frames are not part of the protocol".to_string(),
-            ),
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-            Some(Ok(WsMessage::Close(_))) => return,
-            Some(Err(e)) => match classify(&e) {
-                Some(refusal) => refusal,
-                None => {
-                    debug!(error = %e, "socket error");
-                    return;
+            };
+            self.seen.store(true, Ordering::Relaxed);
+            let refusal = match msg {
+                None => return,
+                Some(Ok(WsMessage::Binary(frame))) => {
+                    METRICS.frames_in.inc();
+                    METRICS.bytes_in.add(frame.len() as u64);
+                    last_frame = Instant::now();
+                    if !messages.take(1) {
+                        METRICS.refused.inc(Refused::RateLimit);
+                        (
+                            CloseCode::RateLimited,
+                            format!("more than {} messages per second", s.rate_messages),
+                        )
+                    } else if !bytes.take(frame.len() as u64) {
+                        METRICS.refused.inc(Refused::RateLimit);
+                        (
+                            CloseCode::RateLimited,
+                            format!("more than {} bytes per second", s.rate_bytes),
+                        )
+                    } else {
+                        match handle_frame(frame, self.room, self.conn, self.perms).await {
+                            Ok(()) => {
+                                if !admitted {
+                                    admitted = true;
+                                    timer.as_mut().reset(match s.idle_timeout {
+                                        Some(idle) => last_frame + idle,
+                                        None => far_future(),
+                                    });
+                                }
+                                continue;
+                            }
+                            Err(FrameError::RoomGone) => {
+                                (CloseCode::Restarting, "room restarting".to_string())
+                            }
+                            Err(FrameError::Refused(code, reason)) => (code, reason),
+                        }
+                    }
                 }
-            },
-        };
-        let (code, reason) = refusal;
+                Some(Ok(WsMessage::Text(_))) => (
+                    CloseCode::InvalidData,
+                    "text frames are not part of the protocol".to_string(),
+                ),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(WsMessage::Close(_))) => return,
+                Some(Err(e)) => match classify(&e) {
+                    Some(refusal) => refusal,
+                    None => {
+                        debug!(error = %e, "socket error");
+                        return;
+                    }
+                },
+            };
+            let (code, reason) = refusal;
+            self.close(code, reason);
+            return;
+        }
+    }
+
+    fn close(&self, code: CloseCode, reason: String) {
         info!(code = code.code(), reason = %reason, "closing connection");
         if code != CloseCode::Restarting {
             METRICS.closes.inc(code);
         }
-        out.close(code, reason);
-        return;
+        self.out.close(code, reason);
     }
+}
+
+/// A deadline that never comes in practice (a year away).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 /// Maps a socket read error to a refusal, or `None` when the socket is simply gone.
@@ -191,7 +400,12 @@ impl From<crate::room::RoomGone> for FrameError {
 
 /// Checks each message of a frame and hands it to the room. Nothing of a message that fails its
 /// check reaches the room; messages before it in the same frame already did.
-async fn handle_frame(frame: Bytes, room: &RoomHandle, conn: ConnId) -> Result<(), FrameError> {
+async fn handle_frame(
+    frame: Bytes,
+    room: &RoomHandle,
+    conn: ConnId,
+    perms: Permissions,
+) -> Result<(), FrameError> {
     let mut reader = MessageReader::new(&frame);
     while let Some(next) = reader.next_raw() {
         let (msg, raw) = next.map_err(|e| {
@@ -206,10 +420,20 @@ async fn handle_frame(frame: Bytes, room: &RoomHandle, conn: ConnId) -> Result<(
                     state_vector: frame.slice_ref(sv),
                 }
             }
+            Message::Sync(SyncMessage::Step2(_) | SyncMessage::Update(_)) if !perms.write => {
+                METRICS.readonly_writes_dropped.inc();
+                debug!("dropped a document update from a read-only connection");
+                continue;
+            }
             Message::Sync(SyncMessage::Step2(u) | SyncMessage::Update(u)) => {
                 let update = DecodedUpdate::decode(frame.slice_ref(u))
                     .map_err(|e| FrameError::Refused(CloseCode::InvalidData, e.to_string()))?;
                 RoomCommand::Update { conn, update }
+            }
+            Message::Awareness(_) if !perms.awareness => {
+                METRICS.readonly_writes_dropped.inc();
+                debug!("dropped an awareness update from a read-only connection");
+                continue;
             }
             Message::Awareness(payload) => {
                 AwarenessUpdate::decode(payload).map_err(|e| {
@@ -222,6 +446,8 @@ async fn handle_frame(frame: Bytes, room: &RoomHandle, conn: ConnId) -> Result<(
                 }
             }
             Message::QueryAwareness => RoomCommand::QueryAwareness { conn },
+            // Nothing a read-only connection sends is stored, so nothing is acknowledged.
+            Message::AckRequest if !perms.write => continue,
             Message::AckRequest => RoomCommand::AckRequest { conn },
             Message::Stored(_) => {
                 return Err(FrameError::Refused(

@@ -4,6 +4,7 @@
 //! writer drains the connection's byte-bounded [`outbox`], coalescing frames into few writes.
 
 mod conn;
+pub mod limits;
 pub mod outbox;
 
-pub use conn::{serve, SessionSettings};
+pub use conn::{serve, Admission, Refusal, SessionSettings};

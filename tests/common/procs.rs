@@ -397,6 +397,16 @@ impl TandemProcess {
     pub async fn http_status(&self, path: &str) -> std::io::Result<u16> {
         http_status(self.addr, path).await
     }
+
+    /// Sends `sig` (`HUP`, `TERM`) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("tandem pid").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
 }
 
 fn strip_ansi(line: &str) -> String {
