@@ -181,6 +181,30 @@ ensure_redis() {
   export TANDEM_TEST_REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT"
 }
 
+nginx_bin() {
+  command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; }
+}
+
+# Installs nginx when missing, for tests/deploy.rs, which runs `nginx -t` on deploy/nginx.conf; nginx
+# is never started (a policy-rc.d keeps apt from starting it). Exports TANDEM_TEST_NGINX=1 so that
+# the test fails instead of skipping when nginx is absent.
+ensure_nginx() {
+  if [[ -z "$(nginx_bin)" ]]; then
+    [[ $(id -u) -eq 0 ]] || die "nginx is needed to check deploy/nginx.conf (nginx -t); install it (Debian: nginx), or run as root to apt-get it"
+    command -v apt-get >/dev/null || die "nginx is needed to check deploy/nginx.conf and apt-get is not available"
+    echo "installing nginx from apt (not started: the tests only run nginx -t)"
+    export DEBIAN_FRONTEND=noninteractive
+    local policy=/usr/sbin/policy-rc.d own_policy=false status=0
+    if [[ ! -e $policy ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=true
+    fi
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx >/dev/null; } || status=$?
+    if $own_policy; then rm -f "$policy"; fi
+    [[ $status -eq 0 ]] || die "apt-get install nginx failed"
+  fi
+  export TANDEM_TEST_NGINX=1
+}
+
 section "toolchain"
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
@@ -188,12 +212,14 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 ensure_node
 ensure_postgres
 ensure_redis
+ensure_nginx
 NEXTEST=false
 if cargo nextest --version >/dev/null 2>&1; then NEXTEST=true; fi
 echo "$(cargo --version); $(cargo clippy --version); node $(node --version); npm $(npm --version 2>/dev/null); nextest: $NEXTEST"
 # Without the password, if the URL has one.
 echo "postgres for the store tests: $(sed -E 's#://([^:/@]+):[^@]*@#://\1:***@#' <<<"$TANDEM_TEST_POSTGRES_URL")"
 echo "redis for the broker tests: $(sed -E 's#://([^@/]*)@#://***@#' <<<"$TANDEM_TEST_REDIS_URL"); $(redis-server --version | cut -d' ' -f1-3)"
+echo "nginx for the deploy tests: $("$(nginx_bin)" -v 2>&1)"
 
 section "cargo fmt --check"
 cargo fmt --all -- --check
