@@ -108,6 +108,7 @@ impl App {
         let (writer, writer_task) =
             StoreWriter::spawn(self.store.clone(), self.config.writer.clone());
         let writer_stats = writer.stats();
+        let unstored = writer.clone();
         let rooms = TaskTracker::new();
         let ctx = Arc::new(RoomContext {
             store: self.store.clone(),
@@ -127,6 +128,7 @@ impl App {
             store: self.store.clone(),
             broker: self.broker.clone(),
             writer: writer_stats,
+            unstored,
             session: Arc::new(self.config.session.clone()),
             auth: auth.clone(),
             addresses: AddressLimiter::new(self.config.session.max_connections_per_address),

@@ -141,6 +141,28 @@ impl FlakyServer {
         format!("ws://{addr}/{room}")
     }
 
+    /// `GET /readyz`: the status and the JSON body.
+    async fn readyz(&self) -> (u16, serde_json::Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.running.as_ref().expect("running").local_addr();
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// Makes every append fail (`true`) or reach the store again (`false`).
     fn set_store_down(&self, down: bool) {
         self.store.down.store(down, Ordering::SeqCst);
@@ -352,6 +374,15 @@ async fn past_the_unstored_bound_writes_are_refused_with_1013() {
     let info = writer.wait_closed(WAIT).await.unwrap();
     assert_eq!(info.close_code(), Some(CloseCode::TryAgainLater), "{info}");
     assert_eq!(info.origin, CloseOrigin::Server);
+    // Readiness says why: the bound is reached.
+    let (status, body) = server.readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["writes"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("full")),
+        "{body}"
+    );
     // Nothing was acknowledged while the store was down.
     assert_eq!(writer.stored(), acked);
     assert!(matches!(
@@ -385,6 +416,8 @@ async fn past_the_unstored_bound_writes_are_refused_with_1013() {
     }
     let everything = text(writer.doc(), "t");
     assert!(everything.starts_with("stored;[0]"), "{everything}");
+    let (status, body) = server.readyz().await;
+    assert_eq!(status, 200, "{body}");
     assert_eq!(text(&server.stored_doc(room).await, "t"), everything);
 }
 

@@ -23,7 +23,7 @@ use crate::ids::RoomId;
 use crate::metrics::{Refused, METRICS};
 use crate::session::limits::AddressLimiter;
 use crate::session::{self, Refusal, SessionSettings};
-use crate::store::writer::WriterStats;
+use crate::store::writer::{StoreWriter, WriterStats};
 use crate::store::DynStore;
 
 /// What every request handler shares.
@@ -37,6 +37,8 @@ pub struct HttpState {
     pub broker: Option<Arc<dyn Broker>>,
     /// For readiness: whether the store writer is failing (updates wait unstored).
     pub writer: Arc<WriterStats>,
+    /// For readiness: whether the bound on unstored updates is reached.
+    pub unstored: StoreWriter,
     /// Per-connection limits.
     pub session: Arc<SessionSettings>,
     /// Token verification and room grants.
@@ -109,7 +111,9 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         },
     };
     let shutting_down = state.shutdown.is_cancelled();
-    let writes = if state.writer.is_failing() {
+    let writes = if state.unstored.is_full() {
+        "full: the bound on unstored updates is reached, writes are refused"
+    } else if state.writer.is_failing() {
         "failing: updates wait unstored"
     } else {
         "ok"
