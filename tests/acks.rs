@@ -143,23 +143,11 @@ impl FlakyServer {
 
     /// `GET /readyz`: the status and the JSON body.
     async fn readyz(&self) -> (u16, serde_json::Value) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.running.as_ref().expect("running").local_addr();
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let (status, body) = common::http_get(addr, "/readyz").await;
         (
             status,
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
         )
     }
 

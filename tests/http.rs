@@ -4,26 +4,10 @@ mod common;
 
 use common::{TestServer, WAIT};
 use tandem_client::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 async fn get(server: &TestServer, path: &str) -> (u16, String) {
-    let addr = server.running().local_addr();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    common::http_get(server.running().local_addr(), path).await
 }
 
 #[tokio::test]
