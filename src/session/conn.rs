@@ -304,13 +304,13 @@ impl Reader<'_> {
                     METRICS.frames_in.inc();
                     METRICS.bytes_in.add(frame.len() as u64);
                     last_frame = Instant::now();
-                    if !messages.take(1) {
+                    if !messages.take(1, last_frame) {
                         METRICS.refused.inc(Refused::RateLimit);
                         (
                             CloseCode::RateLimited,
                             format!("more than {} messages per second", s.rate_messages),
                         )
-                    } else if !bytes.take(frame.len() as u64) {
+                    } else if !bytes.take(frame.len() as u64, last_frame) {
                         METRICS.refused.inc(Refused::RateLimit);
                         (
                             CloseCode::RateLimited,

@@ -28,12 +28,11 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens if the bucket holds them; `false` means the rate was exceeded.
-    pub fn take(&mut self, n: u64) -> bool {
+    /// Takes `n` tokens at `now` if the bucket holds them; `false` means the rate was exceeded.
+    pub fn take(&mut self, n: u64, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
-        let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -110,23 +109,29 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    impl TokenBucket {
+        fn take_now(&mut self, n: u64) -> bool {
+            self.take(n, Instant::now())
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_bucket_refills_at_its_rate_up_to_its_burst() {
         let mut b = TokenBucket::new(10, 20);
-        assert!(b.take(20));
-        assert!(!b.take(1));
+        assert!(b.take_now(20));
+        assert!(!b.take_now(1));
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(b.take(5));
-        assert!(!b.take(1));
+        assert!(b.take_now(5));
+        assert!(!b.take_now(1));
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(b.take(20));
-        assert!(!b.take(1));
+        assert!(b.take_now(20));
+        assert!(!b.take_now(1));
     }
 
     #[test]
     fn a_zero_rate_never_refuses() {
         let mut b = TokenBucket::new(0, 0);
-        assert!((0..1000).all(|_| b.take(u64::MAX)));
+        assert!((0..1000).all(|_| b.take_now(u64::MAX)));
     }
 
     #[test]
