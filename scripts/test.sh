@@ -255,6 +255,16 @@ section "interop suite: stock yjs + y-websocket providers against $TARGET_DIR/de
 # The hard timeout only guards against a hung run; each test has its own, much shorter, deadline.
 (cd "$INTEROP" && TANDEM_BIN="$TARGET_DIR/debug/tandem" timeout --kill-after=10 600 npm test)
 
+# tests/otlp.rs: spans exported to an OTLP/HTTP collector (cargo feature `otlp`). Last, since it
+# rebuilds $TARGET_DIR/debug/tandem with the feature and the interop suite runs the default build.
+if $NEXTEST; then
+  section "cargo nextest run --features otlp --test otlp"
+  cargo nextest run "${LOCKED[@]}" --features otlp --test otlp
+else
+  section "cargo test --features otlp --test otlp"
+  cargo test "${LOCKED[@]}" --features otlp --test otlp
+fi
+
 section "done"
 summary=$(printf '%s; ' "${STEPS_DONE[@]}")
 echo "summary: all ${#STEPS_DONE[@]} steps passed in $((SECONDS - START))s: ${summary%; }"

@@ -19,3 +19,4 @@ pub mod nodes;
 pub mod room;
 pub mod session;
 pub mod store;
+pub mod telemetry;

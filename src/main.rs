@@ -9,8 +9,8 @@ use clap::{Parser, ValueEnum};
 use tandem::app::App;
 use tandem::config::Config;
 use tandem::ids::NodeId;
+use tandem::telemetry::{self, TelemetryConfig};
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 
 /// tandem: a real-time collaboration server for stock Yjs clients (y-websocket protocol).
 ///
@@ -48,6 +48,11 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// OpenTelemetry collector (OTLP/HTTP, `http://HOST:4318`): spans are exported in batches to
+    /// URL/v1/traces. Needs a build with `--features otlp`.
+    #[arg(long, env = "TANDEM_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 
     /// Largest WebSocket message accepted, in bytes; larger ones close the connection with 1009.
     #[arg(long, env = "TANDEM_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
@@ -191,22 +196,27 @@ impl Args {
     }
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+fn init_telemetry(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    node_id: &NodeId,
+) -> anyhow::Result<telemetry::Telemetry> {
+    telemetry::init(&TelemetryConfig {
+        log_format: match format {
+            LogFormat::Text => telemetry::LogFormat::Text,
+            LogFormat::Json => telemetry::LogFormat::Json,
+        },
+        otlp_endpoint,
+        node_id: node_id.as_str(),
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.log_format);
+    let (log_format, otlp_endpoint) = (args.log_format, args.otlp_endpoint.clone());
     let config = args.into_config();
+    let telemetry = init_telemetry(log_format, otlp_endpoint.as_deref(), &config.node_id)?;
     config.validate().context("invalid configuration")?;
     let bind = config.bind;
     let app = App::open(config).await.context("opening the store")?;
@@ -223,6 +233,8 @@ async fn main() -> anyhow::Result<()> {
         token.cancel();
     });
     running.wait().await;
+    // After the graceful shutdown: its spans are the last ones exported.
+    telemetry.shutdown().await;
     Ok(())
 }
 
