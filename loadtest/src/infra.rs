@@ -96,6 +96,13 @@ pub struct Node {
     pub log: Arc<Mutex<VecDeque<String>>>,
 }
 
+impl Node {
+    /// The node's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub store: Store,

@@ -5,9 +5,15 @@
 //! observer on node A and a cross-node observer on node B, sends a fixed number of updates at a
 //! fixed rate and reports delivery latency (same-node, cross-node), storage acknowledgement
 //! latency, Redis PUBLISHes per update and, with Postgres, rows and bytes written per update.
+//! `rooms` runs R rooms × C clients against tandem, the stock y-websocket server and Hocuspocus
+//! (`loadtest/peers/`) one after another and compares the servers' CPU per delivered update.
 //! Everything it starts it stops; every wait has a deadline.
 
 mod infra;
+mod peers;
+mod procstat;
+mod rooms;
+mod wire;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -33,6 +39,9 @@ enum Command {
     /// Same-node vs cross-node delivery latency, acknowledgement latency, Redis and store writes
     /// per update.
     Hop(HopArgs),
+    /// R rooms × C clients against tandem and/or peer servers (stock y-websocket, Hocuspocus):
+    /// server CPU per delivered update, latency, losses, memory; ratios vs tandem.
+    Rooms(rooms::RoomsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +96,7 @@ fn main() {
     let result = rt.block_on(async {
         match cli.command {
             Command::Hop(args) => hop(args).await,
+            Command::Rooms(args) => rooms::rooms(args).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(2));
