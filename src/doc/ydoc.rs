@@ -34,6 +34,8 @@ pub struct DecodedUpdate {
 impl DecodedUpdate {
     /// Decodes `raw` as a v1 update, containing any panic inside yrs.
     pub fn decode(raw: Bytes) -> Result<Self, DocError> {
+        // Each client's block section starts with three varints: at least 3 bytes.
+        plausible_count(&raw, 3).map_err(DocError::InvalidUpdate)?;
         let update = contain(|| Update::decode_v1(&raw))?
             .map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
         Ok(Self { update, raw })
@@ -271,12 +273,29 @@ impl Fnv64 {
 
 /// Validates an encoded state vector without using it.
 pub fn check_state_vector(bytes: &[u8]) -> Result<(), DocError> {
+    // Each entry is two varints: at least 2 bytes.
+    plausible_count(bytes, 2).map_err(DocError::InvalidStateVector)?;
     contain(|| StateVector::decode_v1(bytes))?
         .map(drop)
         .map_err(|e| DocError::InvalidStateVector(e.to_string()))
 }
 
-/// Runs `f`, turning a panic into [`DocError::Panicked`].
+/// Refuses input whose leading count claims more entries than the rest of it could hold at
+/// `min_entry` bytes each. yrs reserves memory for the claimed count before reading a single
+/// entry, so a few bytes could otherwise ask for gigabytes (found by fuzzing: `fuzz/`).
+fn plausible_count(bytes: &[u8], min_entry: usize) -> Result<(), String> {
+    let mut dec = tandem_protocol::lib0::Decoder::new(bytes);
+    let count = dec.read_var_uint().map_err(|e| e.to_string())?;
+    let room = (dec.remaining().len() / min_entry) as u64;
+    if count > room {
+        return Err(format!(
+            "claims {count} entries in {} bytes",
+            dec.remaining().len()
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes each part (a v1 update) and applies it to `doc`, all in one transaction, containing
 /// any panic inside yrs.
 pub(super) fn integrate<'a>(
@@ -286,6 +305,7 @@ pub(super) fn integrate<'a>(
     contain(|| {
         let mut txn = doc.transact_mut();
         for part in parts {
+            plausible_count(part, 3).map_err(DocError::InvalidUpdate)?;
             let update =
                 Update::decode_v1(part).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
             txn.apply_update(update)
@@ -295,6 +315,7 @@ pub(super) fn integrate<'a>(
     })?
 }
 
+/// Runs `f`, turning a panic into [`DocError::Panicked`].
 pub(super) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, DocError> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|_| DocError::Panicked)
 }
