@@ -389,7 +389,7 @@ async fn run_hop(args: &HopArgs, cluster: &mut Cluster) -> Res<Value> {
     };
     let drain_end = Instant::now() + args.drain_timeout;
     loop {
-        let b_in = obs_b.as_ref().map_or(true, |(_, r)| all_in(r));
+        let b_in = obs_b.as_ref().is_none_or(|(_, r)| all_in(r));
         if (all_in(&rec_a) && b_in) || Instant::now() > drain_end {
             break;
         }
