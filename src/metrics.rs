@@ -384,6 +384,8 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// Updates that changed a document.
     pub updates_applied: Counter,
+    /// Documents set aside, not freed, after yrs panicked on them (see `doc::YDoc`).
+    pub documents_leaked: Counter,
     /// Frames queued to peers by fan-out.
     pub deliveries: Counter,
     /// Time from a room taking an update to having queued it for every peer.
@@ -484,6 +486,11 @@ impl Metrics {
             updates_applied: counter(
                 "tandem_updates_applied_total",
                 "Updates that changed a document.",
+            ),
+            documents_leaked: counter(
+                "tandem_engine_panics_total",
+                "Documents set aside after the CRDT engine panicked on them (their memory is \
+                 leaked, not freed, since a panic leaves it inconsistent; the room reloads).",
             ),
             deliveries: counter(
                 "tandem_fanout_deliveries_total",

@@ -162,12 +162,24 @@ impl Room {
     /// sender).
     fn apply(&mut self, update: DecodedUpdate) -> Result<bool, Stop> {
         let summary = self.doc.sync_summary();
-        match self.doc.apply(update) {
+        // An update yrs refused after integrating part of it: the room relays (and stores) that
+        // part and closes the sender.
+        let (result, refused) = match self.doc.apply(update) {
+            Err(DocError::PartlyApplied { effective, .. }) => (
+                Ok(Applied::Changed {
+                    effective,
+                    complete: false,
+                }),
+                true,
+            ),
+            other => (other, false),
+        };
+        match result {
             Ok(Applied::Changed { effective, .. }) => {
                 let Ok(relayed) = DecodedUpdate::decode(effective) else {
                     known_issue(false, "the update the room relays does not decode");
                     self.diverged = true;
-                    return Ok(true);
+                    return Ok(!refused);
                 };
                 match self.peer.apply(relayed) {
                     Ok(_) => {}
@@ -177,7 +189,7 @@ impl Room {
                         None => panic!("the relayed update does not apply at a peer: {e}"),
                     },
                 }
-                Ok(true)
+                Ok(!refused)
             }
             // Compared by content (state vector and deletions): how blocks are split may change.
             Ok(Applied::Unchanged) => {
@@ -210,9 +222,7 @@ impl Room {
                     .expect("own summary")
                     != SAME
                 {
-                    // What integrated before the error stays, unrelayed.
-                    known_issue(false, "an update refused by yrs changed the document");
-                    self.diverged = true;
+                    panic!("an update refused by yrs changed the document without saying so");
                 }
                 Ok(false)
             }

@@ -1,11 +1,12 @@
 //! [`YDoc`]: a yrs document with the operations a room needs, each guarded against panics.
 
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, Options, ReadTxn, StateVector, Transact, Update};
+use yrs::{Doc, Options, ReadTxn, StateVector, Transact, TransactionMut, Update};
 
 /// Why the engine refused bytes or an operation.
 #[derive(Debug, thiserror::Error)]
@@ -16,10 +17,21 @@ pub enum DocError {
     /// The bytes are not a valid state vector.
     #[error("state vector does not decode: {0}")]
     InvalidStateVector(String),
-    /// yrs refused to integrate a decoded update.
+    /// yrs refused to integrate a decoded update, and nothing of it was integrated.
     #[error("update cannot be applied: {0}")]
     Apply(String),
-    /// yrs panicked. The document may be inconsistent and must be discarded.
+    /// yrs refused to integrate a decoded update after integrating part of it (it checks each
+    /// block as it goes). The document keeps that part; `effective` encodes it, to be relayed
+    /// and stored like any change so that peers, newcomers and the log agree with the room.
+    #[error("update applied only in part: {reason}")]
+    PartlyApplied {
+        /// Why yrs stopped.
+        reason: String,
+        /// What the transaction integrated before it stopped.
+        effective: Bytes,
+    },
+    /// yrs panicked. The document may be inconsistent: it has been set aside (see
+    /// [`YDoc::is_poisoned`]) and the caller must discard this [`YDoc`].
     #[error("the CRDT engine panicked on this input")]
     Panicked,
 }
@@ -75,8 +87,26 @@ pub enum Applied {
 }
 
 /// A Yjs document owned by one room actor.
+///
+/// A panic inside yrs leaves its block store in an unknown state, possibly with dangling or
+/// duplicated block pointers (yrs is built on `unsafe`): committing, reading or even freeing it
+/// could touch freed memory or panic again while unwinding, which aborts the process (fuzz
+/// findings 7 and 8, docs/fuzzing.md). So a write transaction is never committed by unwinding,
+/// and a document that saw a panic is *leaked*, never dropped: it is swapped for an empty one and
+/// the [`YDoc`] reports [`is_poisoned`](YDoc::is_poisoned). The memory lost is at most one
+/// document (bounded by the room's size limit) per panic, and each panic costs its sender the
+/// connection.
 pub struct YDoc {
-    doc: Doc,
+    doc: ManuallyDrop<Doc>,
+    poisoned: bool,
+}
+
+impl Drop for YDoc {
+    fn drop(&mut self) {
+        // SAFETY: `doc` is dropped once, here, and never used again. A poisoned document was
+        // already swapped out for an empty one (and the broken one leaked) in `poison`.
+        unsafe { ManuallyDrop::drop(&mut self.doc) }
+    }
 }
 
 impl Default for YDoc {
@@ -89,23 +119,47 @@ impl YDoc {
     /// An empty document. The server never edits it itself, so its own client id is irrelevant
     /// but fixed, and garbage collection stays on (deleted content is not kept).
     pub fn new() -> Self {
+        Self {
+            doc: ManuallyDrop::new(Self::new_doc()),
+            poisoned: false,
+        }
+    }
+
+    fn new_doc() -> Doc {
         let opts = Options {
             client_id: yrs::ClientID::new(0),
             skip_gc: false,
             ..Options::default()
         };
-        Self {
-            doc: Doc::with_options(opts),
+        Doc::with_options(opts)
+    }
+
+    /// Whether yrs panicked on this document. It then holds an empty document in place of the
+    /// broken one, which was leaked; the owner must discard it and reload from the store.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Sets the current document aside without freeing it (see [`YDoc`]), if `result` says yrs
+    /// panicked.
+    fn guard<T>(&mut self, result: Result<T, DocError>) -> Result<T, DocError> {
+        if matches!(result, Err(DocError::Panicked)) {
+            let broken = std::mem::replace(&mut *self.doc, Self::new_doc());
+            std::mem::forget(broken);
+            self.poisoned = true;
+            crate::metrics::METRICS.documents_leaked.inc();
         }
+        result
     }
 
     /// Builds a document from a stored snapshot and the log tail, integrated in order in one
     /// transaction. (Merging the parts first with `yrs::merge_updates_v1` costs time quadratic in
     /// their number and keeps every keystroke a separate block.)
     pub fn load(snapshot: Option<&[u8]>, tail: &[Bytes]) -> Result<Self, DocError> {
-        let doc = Self::new();
+        let mut doc = Self::new();
         let parts = snapshot.into_iter().chain(tail.iter().map(|b| &b[..]));
-        integrate(&doc.doc, parts)?;
+        let result = integrate(&doc.doc, parts);
+        doc.guard(result)?;
         Ok(doc)
     }
 
@@ -113,36 +167,8 @@ impl YDoc {
     ///
     /// On [`DocError::Panicked`] the document may be half-updated: the caller must drop it.
     pub fn apply(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
-        let DecodedUpdate { update, raw } = update;
-        let doc = &self.doc;
-        contain(move || {
-            let mut txn = doc.transact_mut();
-            let before = PendingPrint::of(&txn);
-            txn.apply_update(update)
-                .map_err(|e| DocError::Apply(e.to_string()))?;
-            let after = PendingPrint::of(&txn);
-            // Conservative: if the set of waiting data changed and is not empty, some of this
-            // update may be in it. (It may also have drained older waiting data instead; then
-            // an acknowledgement is withheld needlessly, never given falsely.)
-            let complete = after.is_none() || after == before;
-            let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
-            if !changed {
-                return Ok(if complete {
-                    Applied::Unchanged
-                } else {
-                    Applied::Pending
-                });
-            }
-            let effective = if before.is_some() || after.is_some() {
-                Bytes::from(txn.encode_update_v1())
-            } else {
-                raw
-            };
-            Ok(Applied::Changed {
-                effective,
-                complete,
-            })
-        })?
+        let result = write(&self.doc, |txn| apply_in(txn, update)).and_then(|r| r);
+        self.guard(result)
     }
 
     /// The encoded state vector (for sync step 1).
@@ -150,28 +176,48 @@ impl YDoc {
         self.doc.transact().state_vector().encode_v1()
     }
 
-    /// What a peer with `state_vector` lacks (for sync step 2).
-    pub fn diff(&self, state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
+    /// What a peer with `state_vector` lacks (for sync step 2): the integrated document only.
+    ///
+    /// Data waiting for a missing predecessor is left out (`encode_diff`, not yrs'
+    /// `encode_state_as_update`, which merges it in): it is not part of the document yet, was
+    /// never stored or acknowledged, and reaches peers when it integrates. Merging it is also
+    /// where hostile pending data made yrs panic on every step 1 (fuzz finding 3).
+    pub fn diff(&mut self, state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
         let sv = contain(|| StateVector::decode_v1(state_vector))?
             .map_err(|e| DocError::InvalidStateVector(e.to_string()))?;
-        contain(|| self.doc.transact().encode_state_as_update_v1(&sv))
+        let result = contain(|| self.doc.transact().encode_diff_v1(&sv));
+        self.guard(result)
     }
 
-    /// The whole document as one update, and its state vector (for a snapshot).
-    pub fn encode_state(&self) -> (Vec<u8>, Vec<u8>) {
-        let txn = self.doc.transact();
-        (
-            txn.encode_state_as_update_v1(&StateVector::default()),
-            txn.state_vector().encode_v1(),
-        )
+    /// The whole document as one update, and its state vector (for a snapshot). Unlike
+    /// [`YDoc::diff`] this keeps pending data (merged in by yrs), so that compacting a log whose
+    /// rows arrived out of order loses nothing.
+    pub fn encode_state(&mut self) -> Result<(Vec<u8>, Vec<u8>), DocError> {
+        let result = contain(|| {
+            let txn = self.doc.transact();
+            (
+                txn.encode_state_as_update_v1(&StateVector::default()),
+                txn.state_vector().encode_v1(),
+            )
+        });
+        self.guard(result)
     }
 
-    /// The size of the whole document encoded as one update.
-    pub fn encoded_len(&self) -> usize {
-        self.doc
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default())
-            .len()
+    /// The size of the whole document encoded as one update, pending data included (counted
+    /// apart, not merged: see [`YDoc::diff`]), so that data which never integrates still counts
+    /// against the room's size limit.
+    pub fn encoded_len(&mut self) -> Result<usize, DocError> {
+        let result = contain(|| {
+            let txn = self.doc.transact();
+            let store = txn.store();
+            let pending = store
+                .pending_update()
+                .map_or(0, |p| p.update.encode_v1().len());
+            // An update holding only a delete set: no client sections (one byte), then the set.
+            let pending_ds = store.pending_ds().map_or(0, |ds| 1 + ds.encode_v1().len());
+            txn.encode_diff_v1(&StateVector::default()).len() + pending + pending_ds
+        });
+        self.guard(result)
     }
 
     /// What this document holds, for the node-to-node state exchange: the encoded state vector
@@ -203,7 +249,7 @@ impl YDoc {
     }
 
     /// Compares this document with another node's [`YDoc::sync_summary`].
-    pub fn compare(&self, state_vector: &[u8], digest: &[u8]) -> Result<Comparison, DocError> {
+    pub fn compare(&mut self, state_vector: &[u8], digest: &[u8]) -> Result<Comparison, DocError> {
         let theirs = contain(|| StateVector::decode_v1(state_vector))?
             .map_err(|e| DocError::InvalidStateVector(e.to_string()))?;
         let (ours, ours_digest) = self.summary();
@@ -302,8 +348,7 @@ pub(super) fn integrate<'a>(
     doc: &Doc,
     parts: impl Iterator<Item = &'a [u8]>,
 ) -> Result<(), DocError> {
-    contain(|| {
-        let mut txn = doc.transact_mut();
+    write(doc, |txn| {
         for part in parts {
             plausible_count(part, 3).map_err(DocError::InvalidUpdate)?;
             let update =
@@ -313,6 +358,65 @@ pub(super) fn integrate<'a>(
         }
         Ok(())
     })?
+}
+
+/// Applies one decoded update in `txn` and works out what to relay.
+fn apply_in(txn: &mut TransactionMut<'_>, update: DecodedUpdate) -> Result<Applied, DocError> {
+    let DecodedUpdate { update, raw } = update;
+    let before = PendingPrint::of(txn);
+    if let Err(e) = txn.apply_update(update) {
+        let reason = e.to_string();
+        return Err(if changed(txn) {
+            DocError::PartlyApplied {
+                reason,
+                effective: Bytes::from(txn.encode_update_v1()),
+            }
+        } else {
+            DocError::Apply(reason)
+        });
+    }
+    let after = PendingPrint::of(txn);
+    // Conservative: if the set of waiting data changed and is not empty, some of this update may
+    // be in it. (It may also have drained older waiting data instead; then an acknowledgement is
+    // withheld needlessly, never given falsely.)
+    let complete = after.is_none() || after == before;
+    if !changed(txn) {
+        return Ok(if complete {
+            Applied::Unchanged
+        } else {
+            Applied::Pending
+        });
+    }
+    let effective = if before.is_some() || after.is_some() {
+        Bytes::from(txn.encode_update_v1())
+    } else {
+        raw
+    };
+    Ok(Applied::Changed {
+        effective,
+        complete,
+    })
+}
+
+/// Whether `txn` has changed the document so far.
+fn changed(txn: &TransactionMut<'_>) -> bool {
+    txn.before_state() != txn.after_state() || !txn.delete_set().is_empty()
+}
+
+/// Runs `f` in a write transaction on `doc` and commits it when `f` returns, containing any
+/// panic. If `f` or the commit panics, the transaction is leaked instead of dropped: yrs commits
+/// a transaction in its `Drop`, and committing a store that a panic left half-updated reads
+/// freed memory or panics again during unwinding, which aborts the process (fuzz findings 7 and
+/// 8). The caller must then set the document aside ([`YDoc::guard`]): the leaked transaction
+/// holds its write lock forever.
+fn write<T>(doc: &Doc, f: impl FnOnce(&mut TransactionMut<'_>) -> T) -> Result<T, DocError> {
+    contain(|| {
+        let mut txn = ManuallyDrop::new(doc.transact_mut());
+        let out = f(&mut txn);
+        // Commits. A panic inside the commit unwinds out of `Drop::drop`, which never runs again.
+        drop(ManuallyDrop::into_inner(txn));
+        out
+    })
 }
 
 /// Runs `f`, turning a panic into [`DocError::Panicked`].
@@ -411,7 +515,7 @@ mod tests {
         let a = edit(&client, 0, "ab");
         let mut base = YDoc::new();
         base.apply(DecodedUpdate::decode(a).unwrap()).unwrap();
-        let (snapshot, _) = base.encode_state();
+        let (snapshot, _) = base.encode_state().unwrap();
         let b = edit(&client, 2, "c");
         let c = edit(&client, 3, "d");
         let loaded = YDoc::load(Some(&snapshot), &[b, c]).unwrap();

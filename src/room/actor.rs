@@ -168,7 +168,10 @@ impl Actor {
         match exit {
             Exit::Idle => debug!("room unloaded"),
             Exit::Shutdown => debug!("room flushed for shutdown"),
-            Exit::Poisoned => warn!("room discarded its document after an engine panic"),
+            Exit::Poisoned => warn!(
+                "room set its document aside after an engine panic (leaked, not freed: \
+                 see tandem_engine_panics_total) and will reload from the store"
+            ),
         }
         self.refuse_remaining(JoinError::Unloading);
         self.unsubscribe().await;
@@ -207,7 +210,7 @@ impl Actor {
                 cmd = self.inbox.recv() => {
                     // The hub holds a sender for as long as this actor is registered.
                     let Some(cmd) = cmd else { return Exit::Idle };
-                    if self.handle(cmd).await.is_err() {
+                    if self.handle(cmd).await.is_err() || self.doc.is_poisoned() {
                         self.close_all(CloseCode::Restarting, "room restarting");
                         // Never snapshot a document yrs panicked inside: only wait for the log.
                         self.flush(Fold::Skip).await;
@@ -402,6 +405,8 @@ impl Actor {
             // Waiting for a missing predecessor: not stored, so never acknowledged (and, as
             // acknowledgements are cumulative, neither is anything after it on this connection).
             Ok(Applied::Pending) => {
+                // Waiting data is held in memory: it counts against the size limit.
+                self.approx_bytes += raw.len();
                 self.owe(conn, Some(NEVER), None);
                 return Ok(());
             }
@@ -411,6 +416,19 @@ impl Actor {
             }) => {
                 self.approx_bytes += effective.len();
                 (effective, complete)
+            }
+            Err(DocError::PartlyApplied { reason, effective }) => {
+                // The sender is refused, but what yrs integrated before refusing stays in the
+                // document: relay and store it like any change, so nobody differs from the room.
+                if let Some(p) = self.peers.get(&conn) {
+                    refuse(
+                        &p.outbox,
+                        conn,
+                        &format_args!("applied only in part: {reason}"),
+                    );
+                }
+                self.approx_bytes += effective.len();
+                (effective, false)
             }
             Err(e) => {
                 if let Some(p) = self.peers.get(&conn) {
@@ -628,6 +646,13 @@ impl Actor {
             }
             Ok(Applied::Unchanged | Applied::Pending) => Ok(()),
             Err(DocError::Panicked) => Err(Poisoned),
+            Err(DocError::PartlyApplied { reason, effective }) => {
+                warn!(error = %reason, "an update from another node applied only in part");
+                self.approx_bytes += effective.len();
+                let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
+                self.broadcast(&frame, None);
+                Ok(())
+            }
             Err(e) => {
                 warn!(error = %e, "ignoring an update from another node that does not apply");
                 Ok(())
@@ -642,8 +667,9 @@ impl Actor {
         if max == 0 || self.approx_bytes + len <= max {
             return true;
         }
-        self.approx_bytes = self.doc.encoded_len();
-        self.approx_bytes + len <= max
+        // On a panic the document is set aside and the room restarts (`serve` checks).
+        self.approx_bytes = self.doc.encoded_len().unwrap_or(usize::MAX);
+        self.approx_bytes.saturating_add(len) <= max
     }
 
     fn on_notice(&mut self, notice: Notice) {
@@ -771,7 +797,7 @@ impl CompactionJob {
 }
 
 /// Closes a connection whose bytes the engine refused.
-fn refuse(out: &Outbox, conn: ConnId, e: &DocError) {
+fn refuse(out: &Outbox, conn: ConnId, e: &dyn std::fmt::Display) {
     warn!(conn = %conn, error = %e, "refusing update");
     METRICS.closes.inc(CloseCode::InvalidData);
     out.close(CloseCode::InvalidData, "update cannot be applied");
