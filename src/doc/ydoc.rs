@@ -249,7 +249,7 @@ impl YDoc {
     }
 
     /// Compares this document with another node's [`YDoc::sync_summary`].
-    pub fn compare(&mut self, state_vector: &[u8], digest: &[u8]) -> Result<Comparison, DocError> {
+    pub fn compare(&self, state_vector: &[u8], digest: &[u8]) -> Result<Comparison, DocError> {
         let theirs = contain(|| StateVector::decode_v1(state_vector))?
             .map_err(|e| DocError::InvalidStateVector(e.to_string()))?;
         let (ours, ours_digest) = self.summary();
