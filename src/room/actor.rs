@@ -514,12 +514,13 @@ impl Actor {
     /// (their outbox already asked them to close with 1013).
     fn broadcast(&mut self, frame: &Bytes, skip: Option<ConnId>) {
         let mut overflowed = Vec::new();
+        let mut delivered = 0;
         for (&id, peer) in &self.peers {
             if Some(id) == skip {
                 continue;
             }
             match peer.outbox.push(frame.clone()) {
-                Ok(()) => METRICS.deliveries.inc(),
+                Ok(()) => delivered += 1,
                 Err(PushError::Overflow) => {
                     warn!(conn = %id, "slow consumer closed with 1013");
                     METRICS.closes.inc(CloseCode::TryAgainLater);
@@ -529,6 +530,7 @@ impl Actor {
                 Err(PushError::Closed) => overflowed.push(id),
             }
         }
+        METRICS.deliveries.add(delivered);
         for id in overflowed {
             self.leave(id);
         }

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use tandem_protocol::{AwarenessUpdate, CloseCode, Message, MessageReader, SyncMessage};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use super::limits::{AddressSlot, TokenBucket};
-use super::outbox::{outbox, Next, Outbox, OutboxReceiver};
+use super::outbox::{outbox, FrameSink, Next, Outbox, OutboxReceiver};
 use crate::auth::{Access, Grant};
 use crate::doc::{check_state_vector, DecodedUpdate};
 use crate::hub::Hub;
@@ -178,7 +178,12 @@ async fn run(
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = outbox(settings.outbox_bytes);
     let seen = Arc::new(AtomicBool::new(true));
-    let writer = tokio::spawn(write_loop(sink, out_rx, settings.clone(), seen.clone()));
+    let writer = tokio::spawn(write_loop(
+        Box::pin(sink),
+        out_rx,
+        settings.clone(),
+        seen.clone(),
+    ));
 
     match hub.join(&room, conn, out.clone()).await {
         Ok(membership) => {
@@ -217,15 +222,30 @@ async fn run(
             out.close(code, reason);
         }
     }
+    // Refused for something it sent: it may still be sending, and its bytes go unread.
+    let refused = out
+        .close_request()
+        .is_some_and(|r| r.code != CloseCode::Normal);
     out.close(CloseCode::Normal, "");
     drop(out);
     // Keep reading while the writer sends the close frame, until the client answers it: a
     // socket closed with unread bytes in it is reset, and the client would never see why it
     // was closed (a bot flooding past its rate limit, say).
     let drain = async {
-        while let Some(Ok(msg)) = stream.next().await {
-            if matches!(msg, WsMessage::Close(_)) {
-                break;
+        loop {
+            match stream.next().await {
+                Some(Ok(WsMessage::Close(_))) => break,
+                Some(Ok(_)) => {}
+                end => {
+                    // The stream cannot go on (after an oversize frame, say, whose bytes stay
+                    // unread). Dropping a socket with unread bytes makes the kernel reset it,
+                    // which can destroy our close frame before the client reads it: give a
+                    // refused client a moment to read it first.
+                    if refused || end.is_some() {
+                        tokio::time::sleep(settings.close_timeout).await;
+                    }
+                    break;
+                }
             }
         }
     };
@@ -467,47 +487,77 @@ async fn handle_frame(
     Ok(())
 }
 
-/// Writes the outbox to the socket, coalescing queued frames into one flush, and pings.
-async fn write_loop<S>(
-    mut sink: S,
+/// What woke the writer.
+enum Wake {
+    Outbox(Next),
+    Ping,
+}
+
+/// Writes the outbox to the socket, coalescing queued frames into one flush, and pings. While it
+/// has nothing to do it parks the sink in the outbox, where pushes write to it directly (see
+/// `outbox`); it takes the sink back for pings, closes, and whatever a push could not finish.
+async fn write_loop(
+    sink: FrameSink,
     mut rx: OutboxReceiver,
     settings: Arc<SessionSettings>,
     seen: Arc<AtomicBool>,
-) where
-    S: Sink<WsMessage, Error = axum::Error> + Unpin,
-{
+) {
     let close_signal = rx.close_signal();
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await;
+    // `Some` while this task holds the sink; `None` while it is parked or handed over.
+    let mut held = Some(sink);
+    let mut queued_first = None;
     let close = loop {
-        let next = tokio::select! {
-            next = rx.next() => next,
-            _ = ping.tick() => {
-                if !seen.swap(false, Ordering::Relaxed) {
-                    break Some((CloseCode::GoingAway, "ping timeout".into()));
-                }
-                if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                    break None;
-                }
-                continue;
+        if let Some(sink) = held.take() {
+            if let Err((sink, frame)) = rx.park(sink) {
+                held = Some(sink);
+                queued_first = Some(frame);
             }
+        }
+        let wake = match queued_first.take() {
+            Some(frame) => Wake::Outbox(Next::Frame(frame)),
+            None => tokio::select! {
+                next = rx.next() => Wake::Outbox(next),
+                _ = ping.tick() => Wake::Ping,
+            },
         };
-        match next {
-            Next::Frame(first) => {
+        let Some(mut sink) = held.take().or_else(|| rx.take_sink()) else {
+            break None;
+        };
+        let outcome = match wake {
+            Wake::Ping => {
+                if !seen.swap(false, Ordering::Relaxed) {
+                    Err(Some((CloseCode::GoingAway, "ping timeout".into())))
+                } else if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                    Err(None)
+                } else {
+                    Ok(())
+                }
+            }
+            Wake::Outbox(Next::Frame(first)) => {
                 // A blocked socket (a reader that stopped reading) must not keep a close waiting.
                 let written = tokio::select! {
                     r = write_batch(&mut sink, &mut rx, first, settings.max_coalesce_frames) => r,
-                    req = close_signal.requested() => break Some((req.code, req.reason)),
+                    req = close_signal.requested() => {
+                        held = Some(sink);
+                        break Some((req.code, req.reason));
+                    }
                 };
-                if written.is_err() {
-                    break None;
-                }
+                written.map_err(|_| None)
             }
-            Next::Close(req) => break Some((req.code, req.reason)),
-            Next::Ended => break None,
+            Wake::Outbox(Next::Close(req)) => Err(Some((req.code, req.reason))),
+            Wake::Outbox(Next::Ended) => Err(None),
+        };
+        held = Some(sink);
+        if let Err(close) = outcome {
+            break close;
         }
     };
     if let Some((code, reason)) = close {
+        let Some(mut sink) = held.or_else(|| rx.take_sink()) else {
+            return;
+        };
         let frame = CloseFrame {
             code: code.code(),
             reason: clip_reason(&reason).into(),
@@ -533,29 +583,32 @@ fn clip_reason(reason: &str) -> &str {
     &reason[..end]
 }
 
-/// Feeds `first` and whatever else is already queued, then flushes once.
-async fn write_batch<S>(
-    sink: &mut S,
+/// Feeds `first` and whatever else is already queued, then flushes once (which also finishes
+/// a flush a direct write left pending). Empty frames are wake-ups and carry nothing.
+async fn write_batch(
+    sink: &mut FrameSink,
     rx: &mut OutboxReceiver,
     first: Bytes,
     max: usize,
-) -> Result<(), axum::Error>
-where
-    S: Sink<WsMessage, Error = axum::Error> + Unpin,
-{
+) -> Result<(), axum::Error> {
     let mut frame = Some(first);
     let mut n = 0;
+    let (mut frames, mut bytes) = (0, 0);
     while let Some(f) = frame.take() {
         let len = f.len();
-        sink.feed(WsMessage::Binary(f)).await?;
-        rx.written(len);
-        METRICS.frames_out.inc();
-        METRICS.bytes_out.add(len as u64);
+        if len > 0 {
+            sink.feed(WsMessage::Binary(f)).await?;
+            rx.written(len);
+            frames += 1;
+            bytes += len as u64;
+        }
         n += 1;
         if n < max {
             frame = rx.try_next_frame();
         }
     }
+    METRICS.frames_out.add(frames);
+    METRICS.bytes_out.add(bytes);
     sink.flush().await
 }
 

@@ -90,8 +90,12 @@ impl PostgresStore {
         .await
         .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
         probe.close().await?;
+        // No ping before each use (sqlx's default): it cost a round trip per group commit. A
+        // connection that broke fails its statement, which the writer retries; sqlx pings every
+        // connection when it is released and closes a broken one, so the retry gets a new one.
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
+            .test_before_acquire(false)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;

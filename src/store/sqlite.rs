@@ -97,11 +97,15 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT);
+        // One connection, kept for the life of the process. No ping before each use (sqlx's
+        // default): it was a round trip to the connection's thread on every group commit. sqlx
+        // still pings it when it is released and replaces it if broken; the writer retries.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&write).await?;
