@@ -2,6 +2,11 @@
 //! batches, retries failed batches until they succeed, and tells each submitter when its update is
 //! durable.
 //!
+//! Batching: what queued up while the previous batch was committing is committed at once, as one
+//! batch (up to `max_batch`); a request that finds the writer idle waits up to `window` for
+//! company. So a busy store commits back to back without ever waiting, and a quiet one delays an
+//! acknowledgement by at most the window.
+//!
 //! Guarantees: every submitted update is appended, in submission order, and acknowledged exactly
 //! once, after its batch committed. Nothing is dropped: a failing store makes the task retry the
 //! same batch with backoff while the queue fills up and [`StoreWriter::submit`] starts waiting.
@@ -191,7 +196,11 @@ impl WriterTask {
         while self.rx.recv_many(&mut requests, max_batch).await > 0 {
             let taken = Instant::now();
             let deadline = taken + self.opts.window;
-            while requests.len() < max_batch {
+            // Requests that queued up while the previous batch was committing are a group
+            // already: they go at once. Only a request that found the writer idle waits (up to
+            // the window) for company.
+            let backlog = requests.len() > 1;
+            while !backlog && requests.len() < max_batch {
                 let room = max_batch - requests.len();
                 match tokio::time::timeout_at(deadline, self.rx.recv_many(&mut requests, room))
                     .await
@@ -630,6 +639,10 @@ mod tests {
                 .submit(request("doc", seq, &listener))
                 .await
                 .expect("submit");
+            if seq == 0 {
+                // The first finds the writer idle, so its batch waits the window for company.
+                tokio::task::yield_now().await;
+            }
         }
 
         let started = Instant::now();
@@ -643,6 +656,39 @@ mod tests {
         assert!(started.elapsed() < window, "closing ends the batch window");
         assert_eq!(drain(&mut acks).len(), 50);
         assert_eq!(stored_data(&store, "doc").await.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_committed_without_waiting_for_the_window() {
+        tokio::time::pause();
+        let store = Arc::new(FaultyStore::default());
+        let window = Duration::from_secs(3600);
+        let opts = WriterOptions {
+            window,
+            max_batch: 1000,
+            ..WriterOptions::default()
+        };
+        let (listener, mut acks) = listener();
+        let (writer, task) = spawn(&store, opts);
+        // Queued before the writer task first runs: a backlog, as after a long commit.
+        for seq in 0..10 {
+            writer
+                .submit(request("doc", seq, &listener))
+                .await
+                .expect("submit");
+        }
+        let all_acked = async {
+            for _ in 0..10 {
+                acks.recv().await.expect("ack");
+            }
+        };
+        // Virtual time: it would jump to the timeout if the batch waited for its window.
+        tokio::time::timeout(window / 2, all_acked)
+            .await
+            .expect("the backlog was committed without waiting for the window");
+        drop(writer);
+        task.await.expect("writer task");
+        assert_eq!(stored_data(&store, "doc").await.len(), 10);
     }
 
     #[tokio::test]
