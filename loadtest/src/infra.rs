@@ -123,6 +123,20 @@ impl Cluster {
         store: Store,
         short_grace: bool,
     ) -> Res<Cluster> {
+        Self::start_with(tandem, redis_server, nodes, store, short_grace, &[]).await
+    }
+
+    /// Like [`Cluster::start`], passing `extra_args` to every node after the harness's own flags
+    /// (which they must not repeat: `--rate-messages`, `--rate-bytes`,
+    /// `--max-connections-per-ip`, `--room-idle-grace`, …).
+    pub async fn start_with(
+        tandem: &Path,
+        redis_server: &str,
+        nodes: u8,
+        store: Store,
+        short_grace: bool,
+        extra_args: &[&str],
+    ) -> Res<Cluster> {
         let dir = std::env::temp_dir().join(format!(
             "tandem-loadtest-{}-{}",
             std::process::id(),
@@ -139,7 +153,7 @@ impl Cluster {
             dir,
         };
         if let Err(e) = cluster
-            .spawn_all(tandem, redis_server, nodes, short_grace)
+            .spawn_all(tandem, redis_server, nodes, short_grace, extra_args)
             .await
         {
             cluster.stop().await;
@@ -154,6 +168,7 @@ impl Cluster {
         redis_server: &str,
         nodes: u8,
         short_grace: bool,
+        extra_args: &[&str],
     ) -> Res<()> {
         if !tandem.exists() {
             return Err(format!(
@@ -218,6 +233,7 @@ impl Cluster {
             if short_grace {
                 cmd.args(["--room-idle-grace", "1s"]);
             }
+            cmd.args(extra_args);
             // Nothing of the caller's TANDEM_* configuration leaks into the nodes.
             for (k, _) in std::env::vars() {
                 if k.starts_with("TANDEM_") {

@@ -7,8 +7,15 @@
 //! latency, Redis PUBLISHes per update and, with Postgres, rows and bytes written per update.
 //! `rooms` runs R rooms × C clients against tandem, the stock y-websocket server and Hocuspocus
 //! (`loadtest/peers/`) one after another and compares the servers' CPU per delivered update.
+//! `fanout` is one writer and N observers in one room against the same targets: delivery
+//! latency (p50 to max), losses, CPU and memory per delivery. `idle` holds N synced, silent
+//! connections over R rooms (in several worker processes of this binary when N is large) and
+//! reports the server's memory and CPU per idle connection, the kernel's socket memory and the
+//! projection to a million connections.
 //! Everything it starts it stops; every wait has a deadline.
 
+mod fanout;
+mod idle;
 mod infra;
 mod peers;
 mod procstat;
@@ -42,6 +49,15 @@ enum Command {
     /// R rooms × C clients against tandem and/or peer servers (stock y-websocket, Hocuspocus):
     /// server CPU per delivered update, latency, losses, memory; ratios vs tandem.
     Rooms(rooms::RoomsArgs),
+    /// 1 writer -> N observers in one room against tandem and/or peer servers: delivery latency
+    /// (HDR, corrected for coordinated omission), losses, server CPU and memory per delivery.
+    Fanout(fanout::FanoutArgs),
+    /// N idle connections over R rooms: server memory and CPU per idle connection, kernel
+    /// socket memory, connect time, projection to 1,000,000 connections.
+    Idle(idle::IdleArgs),
+    /// Internal: one `idle` worker process holding a slice of the connections.
+    #[command(hide = true)]
+    IdleWorker(idle::WorkerArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +113,9 @@ fn main() {
         match cli.command {
             Command::Hop(args) => hop(args).await,
             Command::Rooms(args) => rooms::rooms(args).await,
+            Command::Fanout(args) => fanout::fanout(args).await,
+            Command::Idle(args) => idle::idle(args).await,
+            Command::IdleWorker(args) => idle::worker(args).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(2));

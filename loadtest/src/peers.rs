@@ -1,11 +1,15 @@
-//! The servers the `rooms` scenario compares: tandem (spawned through [`crate::infra::Cluster`],
-//! one node, SQLite in a temporary directory) and the Node peers in `loadtest/peers/` (the stock
-//! y-websocket server and Hocuspocus, no persistence, no auth). Children are killed on drop.
+//! The servers the comparison scenarios (`rooms`, `fanout`, `idle`) measure: tandem (spawned
+//! through [`crate::infra::Cluster`], one node, SQLite in a temporary directory) and the Node
+//! peers in `loadtest/peers/` (the stock y-websocket server and Hocuspocus, no persistence, no
+//! auth). Children are killed on drop. Also the report pieces these scenarios share: the
+//! latency summary, CPU ratios against tandem and the one-column-per-target table.
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -62,12 +66,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `target`: tandem from `tandem`, the peers from the scripts in `peers`.
-    pub async fn start(target: Target, tandem: &Path, peers: &Path) -> Res<Server> {
+    /// Starts `target`: tandem from `tandem` with `tandem_args` added to the harness's flags
+    /// (see [`Cluster::start_with`]), the peers from the scripts in `peers`.
+    pub async fn start(
+        target: Target,
+        tandem: &Path,
+        peers: &Path,
+        tandem_args: &[&str],
+    ) -> Res<Server> {
         match target {
             Target::Tandem => {
-                let cluster =
-                    Cluster::start(tandem, "redis-server", 1, Store::Sqlite, false).await?;
+                let cluster = Cluster::start_with(
+                    tandem,
+                    "redis-server",
+                    1,
+                    Store::Sqlite,
+                    false,
+                    tandem_args,
+                )
+                .await?;
                 let node = &cluster.nodes[0];
                 let (addr, pid) = (node.addr.clone(), node.pid().ok_or("tandem exited")?);
                 Ok(Server {
@@ -115,6 +132,15 @@ impl Server {
             pid,
             handle: Handle::Node(child),
         })
+    }
+
+    /// The WARN and ERROR lines tandem logged so far (the latest ones); none for the peers,
+    /// whose output is not parsed.
+    pub fn warnings(&self) -> Vec<String> {
+        match &self.handle {
+            Handle::Tandem(c) => c.warnings(),
+            Handle::Node(_) => Vec::new(),
+        }
     }
 
     /// Stops the server (SIGTERM, then SIGKILL) and removes its temporary files.
@@ -171,4 +197,175 @@ async fn ensure_installed(peers: &Path) -> Res<()> {
         ));
     }
     Ok(())
+}
+
+/// Summary of a latency histogram (µs) in ms: count, p50, p99, p99.9, max.
+pub fn latency_json(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({ "count": 0 });
+    }
+    let ms = |v: u64| v as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.5)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "p999_ms": ms(h.value_at_quantile(0.999)),
+        "max_ms": ms(h.max()),
+    })
+}
+
+/// Peer / tandem for the per-delivery CPU figures of [`crate::procstat::cpu_json`] (how many
+/// times tandem's cost a peer pays), by peer name; `null` without a successful tandem run.
+pub fn cpu_ratios(runs: &[Value]) -> Value {
+    let Some(base) = runs
+        .iter()
+        .find(|r| r["target"] == "tandem" && r.get("error").is_none())
+    else {
+        return Value::Null;
+    };
+    let mut out = serde_json::Map::new();
+    for r in runs
+        .iter()
+        .filter(|r| r["target"] != "tandem" && r.get("error").is_none())
+    {
+        let q = |k: &str| match (r["cpu"][k].as_f64(), base["cpu"][k].as_f64()) {
+            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+            _ => Value::Null,
+        };
+        out.insert(
+            r["target"].as_str().unwrap_or("?").to_string(),
+            json!({
+                "user_cpu_per_delivery": q("user_us_per_delivery"),
+                "sys_cpu_per_delivery": q("sys_us_per_delivery"),
+                "total_cpu_per_delivery": q("total_us_per_delivery"),
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// Formats one table cell from a run's report.
+pub type Cell<'a> = Box<dyn Fn(&Value) -> String + 'a>;
+
+/// A number with `p` decimals, `-` when absent.
+pub fn num(v: &Value, p: usize) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.p$}"))
+}
+
+/// A KiB figure in MiB with one decimal, `-` when absent.
+pub fn mib(v: &Value) -> String {
+    num(&json!(v.as_f64().map(|x| x / 1024.0)), 1)
+}
+
+/// The rows of [`crate::procstat::cpu_json`] (under `cpu`): user, system and total CPU µs per
+/// delivery and the server's CPU % of one core.
+pub fn cpu_rows() -> Vec<(&'static str, Cell<'static>)> {
+    vec![
+        (
+            "user CPU µs / delivery",
+            Box::new(|v| num(&v["cpu"]["user_us_per_delivery"], 2)),
+        ),
+        (
+            "sys CPU µs / delivery",
+            Box::new(|v| num(&v["cpu"]["sys_us_per_delivery"], 2)),
+        ),
+        (
+            "total CPU µs / delivery",
+            Box::new(|v| num(&v["cpu"]["total_us_per_delivery"], 2)),
+        ),
+        (
+            "server CPU %",
+            Box::new(|v| num(&v["cpu"]["cpu_percent"], 1)),
+        ),
+    ]
+}
+
+/// The rows of [`crate::procstat::context_json`] (under `machine`): what the load generator and
+/// everything else on the machine used during the window, in cores.
+pub fn machine_rows() -> Vec<(&'static str, Cell<'static>)> {
+    vec![
+        (
+            "load generator cores",
+            Box::new(|v| num(&v["machine"]["load_generator_cores"], 2)),
+        ),
+        (
+            "other processes' cores",
+            Box::new(|v| num(&v["machine"]["others_cores"], 2)),
+        ),
+    ]
+}
+
+/// The rows of [`latency_json`] (under `latency`).
+pub fn latency_rows() -> Vec<(&'static str, Cell<'static>)> {
+    vec![
+        (
+            "latency p50 ms",
+            Box::new(|v| num(&v["latency"]["p50_ms"], 2)),
+        ),
+        (
+            "latency p99 ms",
+            Box::new(|v| num(&v["latency"]["p99_ms"], 2)),
+        ),
+        (
+            "latency p99.9 ms",
+            Box::new(|v| num(&v["latency"]["p999_ms"], 2)),
+        ),
+        (
+            "latency max ms",
+            Box::new(|v| num(&v["latency"]["max_ms"], 2)),
+        ),
+        (
+            "latency samples",
+            Box::new(|v| v["latency"]["count"].to_string()),
+        ),
+    ]
+}
+
+/// Prints one column per run (target) and one line per row, then the CPU ratios of
+/// [`cpu_ratios`] (if any) and the runs that failed.
+pub fn print_comparison(runs: &[Value], rows: &[(&str, Cell<'_>)], ratios: &Value) {
+    print!("{:<28}", "");
+    for run in runs {
+        print!(" {:>12}", run["target"].as_str().unwrap_or("?"));
+    }
+    println!();
+    for (name, get) in rows {
+        print!("{name:<28}");
+        for run in runs {
+            let s = if run.get("error").is_some() {
+                "error".to_string()
+            } else {
+                get(run)
+            };
+            print!(" {s:>12}");
+        }
+        println!();
+    }
+    if let Some(m) = ratios.as_object() {
+        for (peer, q) in m {
+            println!(
+                "{peer} / tandem, CPU per delivery: user ×{}, sys ×{}, total ×{}",
+                num(&q["user_cpu_per_delivery"], 1),
+                num(&q["sys_cpu_per_delivery"], 1),
+                num(&q["total_cpu_per_delivery"], 1)
+            );
+        }
+    }
+    for run in runs {
+        if let Some(w) = run["server_warnings"].as_array().filter(|w| !w.is_empty()) {
+            println!(
+                "{}: {} server warning(s); first: {}",
+                run["target"].as_str().unwrap_or("?"),
+                w.len(),
+                w[0].as_str().unwrap_or("")
+            );
+        }
+        if let Some(e) = run.get("error") {
+            println!(
+                "{}: error: {}",
+                run["target"].as_str().unwrap_or("?"),
+                e.as_str().unwrap_or("")
+            );
+        }
+    }
 }

@@ -7,8 +7,11 @@
 //! send time, one clock) in an HDR histogram corrected for coordinated omission. The other
 //! connections only count update messages. The server's user and system CPU time
 //! (`/proc/PID/stat`) and memory (`/proc/PID/status`) are sampled when the warmup ends and when
-//! the measured window ends; deliveries are counted at the same instants.
+//! the measured window ends; deliveries are counted at the same instants, and so are the load
+//! generator's own CPU and the machine's busy time (what else ran). The run itself ([`Plan`],
+//! [`run_target`]) is shared with `fanout`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,22 +19,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use yrs::updates::decoder::Decode;
-use yrs::{Array, ArrayRef, Doc, Out, Transact, Update};
+use yrs::Doc;
 
-use crate::peers::{Server, Target};
+use crate::peers::{self, Cell, Server, Target};
 use crate::procstat;
-use crate::wire::{self, Dialect};
+use crate::wire::{self, now_us, Dialect, ProbeDoc, Tasks, Ws};
 
 type Res<T> = Result<T, String>;
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of the `rooms` scenario.
 #[derive(Debug, clap::Args)]
@@ -77,11 +72,70 @@ pub struct RoomsArgs {
     json: bool,
 }
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
+/// One rooms-shaped run, independent of the command line: `rooms` builds it from its flags,
+/// `fanout` (one room, one writer, many observers) from its own.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Rooms.
+    pub rooms: usize,
+    /// Connections per room, writers and probes included.
+    pub clients: usize,
+    /// Writers per room.
+    pub writers: usize,
+    /// Latency probes per room.
+    pub probes: usize,
+    /// Spread the probes evenly over the room's join order (the last reader to join is one),
+    /// instead of making the first readers the probes: a server that fans out in join order
+    /// then cannot favour them.
+    pub spread_probes: bool,
+    /// Updates per second per room.
+    pub rate: f64,
+    /// Sending before the measured window.
+    pub warmup: Duration,
+    /// The measured window.
+    pub duration: Duration,
+    /// Deadline for the last deliveries after the writers stopped.
+    pub drain_timeout: Duration,
+    /// Connections opening at once.
+    pub connect_concurrency: usize,
+    /// The tandem binary.
+    pub tandem: std::path::PathBuf,
+    /// The directory of the Node peers.
+    pub peers: std::path::PathBuf,
+    /// Extra flags for tandem (see [`Server::start`]).
+    pub tandem_args: Vec<&'static str>,
+}
+
+impl Plan {
+    /// Whether reader slot `c` (0-based, in join order) is a probe.
+    fn is_probe(&self, c: usize) -> bool {
+        let readers = self.clients - self.writers;
+        if self.spread_probes {
+            (1..=self.probes).any(|i| i * readers / self.probes == c + 1)
+        } else {
+            c < self.probes
+        }
+    }
+}
+
+impl RoomsArgs {
+    fn plan(&self) -> Plan {
+        Plan {
+            rooms: self.rooms,
+            clients: self.clients,
+            writers: self.writers,
+            probes: self.probes,
+            spread_probes: false,
+            rate: self.rate,
+            warmup: self.warmup,
+            duration: self.duration,
+            drain_timeout: self.drain_timeout,
+            connect_concurrency: self.connect_concurrency,
+            tandem: self.tandem.clone(),
+            peers: self.peers.clone(),
+            tandem_args: Vec::new(),
+        }
+    }
 }
 
 /// Runs the scenario against every target in turn and prints one report.
@@ -98,10 +152,11 @@ pub async fn rooms(args: RoomsArgs) -> Res<()> {
     if (conns as u64) * 2 + 200 > nofile {
         eprintln!("warning: {conns} connections with an open-files limit of {nofile}");
     }
+    let plan = args.plan();
     let mut runs = Vec::new();
     for &target in &args.targets {
         eprintln!("rooms: {} ...", target.name());
-        let report = match run_target(&args, target).await {
+        let report = match run_target(&plan, target).await {
             Ok(r) => r,
             Err(e) => json!({ "target": target.name(), "error": e }),
         };
@@ -119,7 +174,7 @@ pub async fn rooms(args: RoomsArgs) -> Res<()> {
         "window_secs": args.duration.as_secs_f64(),
         "open_files_limit": nofile,
         "runs": runs,
-        "ratios_vs_tandem": ratios(&runs),
+        "ratios_vs_tandem": peers::cpu_ratios(&runs),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap());
@@ -143,6 +198,8 @@ struct Shared {
     dropped: AtomicU64,
     /// Latencies in µs, probes only, for updates sent inside the measured window.
     latency: Mutex<Histogram<u64>>,
+    /// The same per probe, by the probe's join index in its room (`Conn::slot`).
+    probe_latency: Mutex<BTreeMap<usize, Histogram<u64>>>,
     /// Probe updates that added nothing new to the probe's document (re-deliveries).
     probe_duplicates: AtomicU64,
     window: Mutex<(u64, u64)>,
@@ -165,44 +222,6 @@ impl Shared {
     }
 }
 
-/// Connects and syncs one client: Hocuspocus auth first (and its answer), then step 1, then
-/// waits for the step 2 answer.
-async fn handshake(url: &str, dialect: Dialect, room: &str) -> Res<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
-        .await
-        .map_err(|e| format!("connect {url}: {e}"))?;
-    if let Some(auth) = dialect.auth(room, "loadtest") {
-        ws.send(Message::Binary(auth.into()))
-            .await
-            .map_err(|e| format!("send auth: {e}"))?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Binary(b))) => match wire::parse(dialect, &b).auth {
-                    Some(2) => break,
-                    Some(other) => return Err(format!("auth answered with sub-type {other}")),
-                    None => {}
-                },
-                Some(Ok(_)) => {}
-                other => return Err(format!("socket ended during auth: {other:?}")),
-            }
-        }
-    }
-    ws.send(Message::Binary(dialect.step1(room, &[0]).into()))
-        .await
-        .map_err(|e| format!("send step1: {e}"))?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Binary(b))) => {
-                if !wire::parse(dialect, &b).step2.is_empty() {
-                    return Ok(ws);
-                }
-            }
-            Some(Ok(_)) => {}
-            other => return Err(format!("socket ended during sync: {other:?}")),
-        }
-    }
-}
-
 enum Role {
     Writer(usize),
     Probe,
@@ -216,45 +235,9 @@ struct Conn {
     slot: usize,
 }
 
-/// A probe's document: per writer array and how many elements were read already.
-struct ProbeDoc {
-    doc: Doc,
-    arrays: Vec<ArrayRef>,
-    seen: Vec<u32>,
-}
-
-impl ProbeDoc {
-    fn new(writers: usize) -> ProbeDoc {
-        let doc = Doc::new();
-        let arrays = (0..writers)
-            .map(|w| doc.get_or_insert_array(format!("ts{w}").as_str()))
-            .collect();
-        ProbeDoc {
-            doc,
-            arrays,
-            seen: vec![0; writers],
-        }
-    }
-
-    /// Applies an update and returns the send times it brought; `None` if it did not decode.
-    fn apply(&mut self, update: &[u8]) -> Option<Vec<u64>> {
-        let u = Update::decode_v1(update).ok()?;
-        let mut txn = self.doc.transact_mut();
-        txn.apply_update(u).ok()?;
-        let mut out = Vec::new();
-        for (w, arr) in self.arrays.iter().enumerate() {
-            let len = arr.len(&txn);
-            for i in self.seen[w]..len {
-                if let Some(Out::Any(yrs::Any::Number(n))) = arr.get(&txn, i) {
-                    if let Some(v) = n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)) {
-                        out.push(v as u64);
-                    }
-                }
-            }
-            self.seen[w] = self.seen[w].max(len);
-        }
-        Some(out)
-    }
+/// Latencies in µs, up to 10 minutes, 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
 /// Reads a non-writer connection until it ends: counts update messages; probes also decode them.
@@ -280,11 +263,12 @@ async fn receive(ws: Ws, dialect: Dialect, conn: Conn, writers: usize, shared: A
                             }
                             Some(ts) => {
                                 let mut h = shared.latency.lock().unwrap();
+                                let mut per = shared.probe_latency.lock().unwrap();
+                                let mine = per.entry(conn.slot).or_insert_with(latency_histogram);
                                 for t in ts.into_iter().filter(|t| *t >= from && *t < to) {
-                                    let _ = h.record_correct(
-                                        now.saturating_sub(t).max(1),
-                                        shared.interval_us,
-                                    );
+                                    let v = now.saturating_sub(t).max(1);
+                                    let _ = h.record_correct(v, shared.interval_us);
+                                    let _ = mine.record_correct(v, shared.interval_us);
                                 }
                             }
                             None => {}
@@ -331,11 +315,7 @@ async fn write(
                 break;
             }
             tokio::time::sleep_until(due.into()).await;
-            let update = {
-                let mut txn = doc.transact_mut();
-                arr.push_back(&mut txn, now_us() as i64);
-                txn.encode_update_v1()
-            };
+            let update = wire::stamp_update(&doc, &arr);
             if sink
                 .send(Message::Binary(dialect.update(&room_name, &update).into()))
                 .await
@@ -352,47 +332,39 @@ async fn write(
     tokio::join!(drain, send);
 }
 
-/// Aborts the connection tasks when dropped, so that no early return leaves them running.
-struct Tasks(Vec<JoinHandle<()>>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
+/// Starts `target`, runs `plan` against it and stops it; the run's report.
+pub async fn run_target(plan: &Plan, target: Target) -> Res<Value> {
+    let server = Server::start(target, &plan.tandem, &plan.peers, &plan.tandem_args).await?;
+    let mut out = measure(plan, target, &server).await;
+    if let Ok(report) = &mut out {
+        report["server_warnings"] = json!(server.warnings());
     }
-}
-
-async fn run_target(args: &RoomsArgs, target: Target) -> Res<Value> {
-    let server = Server::start(target, &args.tandem, &args.peers).await?;
-    let out = measure(args, target, &server).await;
     server.stop().await;
     out
 }
 
-async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value> {
+async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
     let dialect = target.dialect();
     let idle = procstat::sample(server.pid)?;
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let room_names: Vec<String> = (0..args.rooms)
+    let room_names: Vec<String> = (0..plan.rooms)
         .map(|r| format!("loadtest-rooms-{stamp}-{r}"))
         .collect();
-    let readers = args.clients - args.writers;
-    let period = Duration::from_secs_f64(args.writers as f64 / args.rate);
+    let readers = plan.clients - plan.writers;
+    let period = Duration::from_secs_f64(plan.writers as f64 / plan.rate);
     let shared = Arc::new(Shared {
-        rooms: (0..args.rooms)
+        rooms: (0..plan.rooms)
             .map(|_| RoomCounters {
                 sent: AtomicU64::new(0),
                 received: (0..readers).map(|_| AtomicU64::new(0)).collect(),
             })
             .collect(),
         dropped: AtomicU64::new(0),
-        latency: Mutex::new(
-            Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
-        ),
+        latency: Mutex::new(latency_histogram()),
+        probe_latency: Mutex::new(BTreeMap::new()),
         probe_duplicates: AtomicU64::new(0),
         window: Mutex::new((u64::MAX, u64::MAX)),
         interval_us: period.as_micros() as u64,
@@ -400,52 +372,27 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
 
     // Connect everything, writers last in each room, a bounded number at once.
     let connect_start = Instant::now();
-    let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let mut pending = Vec::new();
+    let mut conns = Vec::new();
+    let mut jobs = Vec::new();
     for (r, name) in room_names.iter().enumerate() {
-        for c in 0..args.clients {
-            let role = if c < args.probes {
+        for c in 0..plan.clients {
+            let role = if c < readers && plan.is_probe(c) {
                 Role::Probe
             } else if c < readers {
                 Role::Counter
             } else {
                 Role::Writer(c - readers)
             };
-            let url = format!("ws://{}/{name}", server.addr);
-            let name = name.clone();
-            let sem = Arc::clone(&sem);
-            pending.push((
-                Conn {
-                    room: r,
-                    role,
-                    slot: c,
-                },
-                tokio::spawn(async move {
-                    let _permit = sem.acquire_owned().await;
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&url, dialect, &name))
-                        .await
-                        .map_err(|_| format!("{url}: no sync within {HANDSHAKE_TIMEOUT:?}"))?
-                }),
-            ));
+            conns.push(Conn {
+                room: r,
+                role,
+                slot: c,
+            });
+            jobs.push((name.clone(), None));
         }
     }
-    let mut connected = Vec::new();
-    let mut first_err = None;
-    for (conn, h) in pending {
-        match h.await.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(ws) => connected.push((conn, ws)),
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(format!(
-            "{} of {} connections failed; first: {e}",
-            args.rooms * args.clients - connected.len(),
-            args.rooms * args.clients
-        ));
-    }
+    let sockets = wire::connect_all(&server.addr, dialect, jobs, plan.connect_concurrency).await?;
+    let connected: Vec<(Conn, Ws)> = conns.into_iter().zip(sockets).collect();
     let connect_secs = connect_start.elapsed().as_secs_f64();
     let connected_sample = procstat::sample(server.pid)?;
 
@@ -459,21 +406,21 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
             let sh = Arc::clone(&shared);
             tasks
                 .0
-                .push(tokio::spawn(receive(ws, dialect, conn, args.writers, sh)));
+                .push(tokio::spawn(receive(ws, dialect, conn, plan.writers, sh)));
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now() + Duration::from_millis(100);
-    let window_start = start + args.warmup;
-    let end = window_start + args.duration;
+    let window_start = start + plan.warmup;
+    let end = window_start + plan.duration;
     {
         let base = now_us() + 100_000;
         *shared.window.lock().unwrap() = (
-            base + args.warmup.as_micros() as u64,
-            base + (args.warmup + args.duration).as_micros() as u64,
+            base + plan.warmup.as_micros() as u64,
+            base + (plan.warmup + plan.duration).as_micros() as u64,
         );
     }
-    let all = (args.rooms * args.writers) as u32;
+    let all = (plan.rooms * plan.writers) as u32;
     for (i, (conn, ws)) in writers.into_iter().enumerate() {
         let Role::Writer(w) = conn.role else {
             unreachable!()
@@ -491,6 +438,7 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
     }
 
     tokio::time::sleep_until(window_start.into()).await;
+    let (me, m0) = (procstat::sample(std::process::id())?, procstat::machine()?);
     let (cpu0, del0, sent0, t0) = (
         procstat::sample(server.pid)?,
         shared.delivered(),
@@ -504,9 +452,10 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
         shared.sent(),
         Instant::now(),
     );
+    let (me1, m1) = (procstat::sample(std::process::id())?, procstat::machine()?);
 
     // Drain: until every reader has every update its room sent, or the deadline.
-    let drain_end = Instant::now() + args.drain_timeout;
+    let drain_end = Instant::now() + plan.drain_timeout;
     let complete = |sh: &Shared| {
         sh.rooms.iter().all(|r| {
             let s = r.sent.load(Ordering::Relaxed);
@@ -534,29 +483,19 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
     }
     let window = (t1 - t0).as_secs_f64();
     let deliveries = del1 - del0;
-    let user = cpu1.user_us.saturating_sub(cpu0.user_us);
-    let sys = cpu1.sys_us.saturating_sub(cpu0.sys_us);
-    let per = |us: u64| {
-        if deliveries == 0 {
-            Value::Null
-        } else {
-            json!(us as f64 / deliveries as f64)
-        }
-    };
-    let h = shared.latency.lock().unwrap();
-    let ms = |v: u64| v as f64 / 1000.0;
-    let lat = if h.is_empty() {
-        json!({ "count": 0 })
-    } else {
-        json!({
-            "count": h.len(),
-            "p50_ms": ms(h.value_at_quantile(0.5)),
-            "p99_ms": ms(h.value_at_quantile(0.99)),
-            "p999_ms": ms(h.value_at_quantile(0.999)),
-            "max_ms": ms(h.max()),
+    let lat = peers::latency_json(&shared.latency.lock().unwrap());
+    let per_probe: Vec<Value> = shared
+        .probe_latency
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(slot, h)| {
+            let mut v = peers::latency_json(h);
+            v["join_index"] = json!(slot);
+            v
         })
-    };
-    let conns = (args.rooms * args.clients) as f64;
+        .collect();
+    let conns = (plan.rooms * plan.clients) as f64;
     Ok(json!({
         "target": target.name(),
         "pid": server.pid,
@@ -565,15 +504,10 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
         "updates_sent_in_window": sent1 - sent0,
         "deliveries_in_window": deliveries,
         "deliveries_per_s": deliveries as f64 / window,
-        "cpu": {
-            "user_us": user,
-            "sys_us": sys,
-            "user_us_per_delivery": per(user),
-            "sys_us_per_delivery": per(sys),
-            "total_us_per_delivery": per(user + sys),
-            "cpu_percent": (user + sys) as f64 / window / 1e4,
-        },
+        "cpu": procstat::cpu_json(&cpu0, &cpu1, window, deliveries),
         "latency": lat,
+        "latency_per_probe": per_probe,
+        "machine": procstat::context_json(&m0, &m1, (&cpu0, &cpu1), (&me, &me1), window),
         "expected_deliveries": expected,
         "received_deliveries": received,
         "lost": lost,
@@ -591,38 +525,6 @@ async fn measure(args: &RoomsArgs, target: Target, server: &Server) -> Res<Value
     }))
 }
 
-/// Peer / tandem for the per-delivery CPU figures (how many times tandem's cost a peer pays).
-fn ratios(runs: &[Value]) -> Value {
-    let Some(base) = runs
-        .iter()
-        .find(|r| r["target"] == "tandem" && r.get("error").is_none())
-    else {
-        return Value::Null;
-    };
-    let mut out = serde_json::Map::new();
-    for r in runs
-        .iter()
-        .filter(|r| r["target"] != "tandem" && r.get("error").is_none())
-    {
-        let q = |k: &str| match (r["cpu"][k].as_f64(), base["cpu"][k].as_f64()) {
-            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
-            _ => Value::Null,
-        };
-        out.insert(
-            r["target"].as_str().unwrap_or("?").to_string(),
-            json!({
-                "user_cpu_per_delivery": q("user_us_per_delivery"),
-                "sys_cpu_per_delivery": q("sys_us_per_delivery"),
-                "total_cpu_per_delivery": q("total_us_per_delivery"),
-            }),
-        );
-    }
-    Value::Object(out)
-}
-
-/// Formats one table cell from a run's report.
-type Cell<'a> = Box<dyn Fn(&Value) -> String + 'a>;
-
 fn print_table(r: &Value) {
     println!(
         "rooms: {} rooms × {} clients ({} connections), {} writer(s) + {} probe(s) per room, {} updates/s per room, warmup {} s, window {} s",
@@ -630,42 +532,12 @@ fn print_table(r: &Value) {
         r["probes_per_room"], r["rate_per_room"], r["warmup_secs"], r["window_secs"]
     );
     let runs = r["runs"].as_array().cloned().unwrap_or_default();
-    let f = |v: &Value, p: usize| v.as_f64().map_or("-".into(), |x| format!("{x:.p$}"));
-    let rows: Vec<(&str, Cell<'_>)> = vec![
-        (
-            "user CPU µs / delivery",
-            Box::new(|v| f(&v["cpu"]["user_us_per_delivery"], 2)),
-        ),
-        (
-            "sys CPU µs / delivery",
-            Box::new(|v| f(&v["cpu"]["sys_us_per_delivery"], 2)),
-        ),
-        (
-            "total CPU µs / delivery",
-            Box::new(|v| f(&v["cpu"]["total_us_per_delivery"], 2)),
-        ),
-        ("server CPU %", Box::new(|v| f(&v["cpu"]["cpu_percent"], 1))),
-        ("deliveries / s", Box::new(|v| f(&v["deliveries_per_s"], 0))),
-        (
-            "latency p50 ms",
-            Box::new(|v| f(&v["latency"]["p50_ms"], 2)),
-        ),
-        (
-            "latency p99 ms",
-            Box::new(|v| f(&v["latency"]["p99_ms"], 2)),
-        ),
-        (
-            "latency p99.9 ms",
-            Box::new(|v| f(&v["latency"]["p999_ms"], 2)),
-        ),
-        (
-            "latency max ms",
-            Box::new(|v| f(&v["latency"]["max_ms"], 2)),
-        ),
-        (
-            "latency samples",
-            Box::new(|v| v["latency"]["count"].to_string()),
-        ),
+    let f = peers::num;
+    let mut rows: Vec<(&str, Cell<'_>)> = peers::cpu_rows();
+    rows.extend(peers::machine_rows());
+    rows.push(("deliveries / s", Box::new(|v| f(&v["deliveries_per_s"], 0))));
+    rows.extend(peers::latency_rows());
+    rows.extend::<Vec<(&str, Cell<'_>)>>(vec![
         ("lost", Box::new(|v| v["lost"].to_string())),
         ("duplicated", Box::new(|v| v["duplicated"].to_string())),
         (
@@ -674,62 +546,17 @@ fn print_table(r: &Value) {
         ),
         (
             "RSS end MiB",
-            Box::new(|v| {
-                f(
-                    &json!(v["memory_kib"]["rss_end"].as_f64().map(|x| x / 1024.0)),
-                    1,
-                )
-            }),
+            Box::new(|v| peers::mib(&v["memory_kib"]["rss_end"])),
         ),
         (
             "RSS peak MiB",
-            Box::new(|v| {
-                f(
-                    &json!(v["memory_kib"]["hwm"].as_f64().map(|x| x / 1024.0)),
-                    1,
-                )
-            }),
+            Box::new(|v| peers::mib(&v["memory_kib"]["hwm"])),
         ),
         (
             "RSS KiB / connection",
             Box::new(|v| f(&v["memory_kib"]["rss_per_connection"], 1)),
         ),
         ("connect s", Box::new(|v| f(&v["connect_secs"], 2))),
-    ];
-    print!("{:<26}", "");
-    for run in &runs {
-        print!(" {:>12}", run["target"].as_str().unwrap_or("?"));
-    }
-    println!();
-    for (name, get) in &rows {
-        print!("{name:<26}");
-        for run in &runs {
-            let s = if run.get("error").is_some() {
-                "error".to_string()
-            } else {
-                get(run)
-            };
-            print!(" {s:>12}");
-        }
-        println!();
-    }
-    if let Some(m) = r["ratios_vs_tandem"].as_object() {
-        for (peer, q) in m {
-            println!(
-                "{peer} / tandem, CPU per delivery: user ×{}, sys ×{}, total ×{}",
-                f(&q["user_cpu_per_delivery"], 1),
-                f(&q["sys_cpu_per_delivery"], 1),
-                f(&q["total_cpu_per_delivery"], 1)
-            );
-        }
-    }
-    for run in &runs {
-        if let Some(e) = run.get("error") {
-            println!(
-                "{}: error: {}",
-                run["target"].as_str().unwrap_or("?"),
-                e.as_str().unwrap_or("")
-            );
-        }
-    }
+    ]);
+    peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
 }

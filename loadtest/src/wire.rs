@@ -1,6 +1,30 @@
-//! The few frames the `rooms` scenario writes and reads, for the y-websocket protocol (tandem and
-//! the stock Node server) and for Hocuspocus (every frame prefixed with `varString(document)`).
+//! The client side the scenarios share: the few frames they write and read, for the y-websocket
+//! protocol (tandem and the stock Node server) and for Hocuspocus (every frame prefixed with
+//! `varString(document)`), the sync handshake (optionally from a chosen source address), the
+//! timestamp payload writers send and probes decode, and a guard that aborts connection tasks.
 //! See /work/shared/PROTOCOLS.md and protocol/PROTOCOL.md.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use yrs::updates::decoder::Decode;
+use yrs::{Array, ArrayRef, Doc, Out, Transact, Update};
+
+type Res<T> = Result<T, String>;
+
+/// A client WebSocket (always plain TCP on loopback).
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Deadline for one connection's upgrade and sync (and Hocuspocus auth).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which framing a target speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +169,246 @@ pub fn parse(dialect: Dialect, frame: &[u8]) -> Received<'_> {
         }
     }
     r
+}
+
+/// Microseconds since the Unix epoch: the payload writers push and probes subtract.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// How [`handshake`] opens its socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectOptions {
+    /// Bind the client socket to this address (port chosen at connect time) before connecting,
+    /// so that many connections to one server spread over several source addresses and do not
+    /// exhaust one address's ephemeral ports. `None`: the kernel's choice.
+    pub source: Option<Ipv4Addr>,
+    /// A 4 KiB WebSocket read buffer instead of tungstenite's 128 KiB, for runs that hold many
+    /// thousands of mostly idle connections in one process.
+    pub small_buffers: bool,
+}
+
+/// Opens a TCP connection to `addr`, from `source` when given, with Nagle off.
+async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Res<TcpStream> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    if let Some(ip) = source {
+        bind_no_port(&socket)?;
+        socket
+            .bind(SocketAddr::from((ip, 0)))
+            .map_err(|e| format!("bind {ip}: {e}"))?;
+    }
+    let stream = socket
+        .connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr} from {source:?}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    Ok(stream)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a bind to `(ip, 0)` defers the port choice to `connect`, which
+/// then only needs the 4-tuple to be unique (not the port among every socket bound to `ip`).
+fn bind_no_port(socket: &TcpSocket) -> Res<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "IP_BIND_ADDRESS_NO_PORT: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Connects to `ws://{addr}/{room}` and syncs: Hocuspocus auth first (and its answer), then
+/// step 1 with an empty state vector, then waits for the step 2 answer.
+pub async fn handshake(addr: &str, room: &str, dialect: Dialect, opts: ConnectOptions) -> Res<Ws> {
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("server address {addr:?}: {e}"))?;
+    let url = format!("ws://{addr}/{room}");
+    let stream = tcp_connect(sock, opts.source).await?;
+    let config = opts
+        .small_buffers
+        .then(|| WebSocketConfig::default().read_buffer_size(4096));
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        url.as_str(),
+        MaybeTlsStream::Plain(stream),
+        config,
+    )
+    .await
+    .map_err(|e| format!("upgrade {url}: {e}"))?;
+    if let Some(auth) = dialect.auth(room, "loadtest") {
+        ws.send(Message::Binary(auth.into()))
+            .await
+            .map_err(|e| format!("send auth: {e}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => match parse(dialect, &b).auth {
+                    Some(2) => break,
+                    Some(other) => return Err(format!("auth answered with sub-type {other}")),
+                    None => {}
+                },
+                Some(Ok(_)) => {}
+                other => return Err(format!("socket ended during auth: {other:?}")),
+            }
+        }
+    }
+    ws.send(Message::Binary(dialect.step1(room, &[0]).into()))
+        .await
+        .map_err(|e| format!("send step1: {e}"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                if !parse(dialect, &b).step2.is_empty() {
+                    return Ok(ws);
+                }
+            }
+            Some(Ok(_)) => {}
+            other => return Err(format!("socket ended during sync: {other:?}")),
+        }
+    }
+}
+
+/// Opens one connection per `(room, source)` with [`handshake`], at most `concurrency` at once,
+/// each within [`HANDSHAKE_TIMEOUT`]; results in the order given.
+pub async fn connect_many(
+    addr: &str,
+    dialect: Dialect,
+    jobs: Vec<(String, Option<Ipv4Addr>)>,
+    small_buffers: bool,
+    concurrency: usize,
+) -> Vec<Res<Ws>> {
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let handles: Vec<JoinHandle<Res<Ws>>> = jobs
+        .into_iter()
+        .map(|(room, source)| {
+            let sem = Arc::clone(&sem);
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let opts = ConnectOptions {
+                    source,
+                    small_buffers,
+                };
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&addr, &room, dialect, opts))
+                    .await
+                    .map_err(|_| format!("{addr}/{room}: no sync within {HANDSHAKE_TIMEOUT:?}"))?
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(
+            h.await
+                .map_err(|e| format!("connect task: {e}"))
+                .and_then(|r| r),
+        );
+    }
+    out
+}
+
+/// Like [`connect_many`], but all or nothing: the first error, with how many failed.
+pub async fn connect_all(
+    addr: &str,
+    dialect: Dialect,
+    jobs: Vec<(String, Option<Ipv4Addr>)>,
+    concurrency: usize,
+) -> Res<Vec<Ws>> {
+    let total = jobs.len();
+    let mut ok = Vec::with_capacity(total);
+    let mut first_err = None;
+    for r in connect_many(addr, dialect, jobs, false, concurrency).await {
+        match r {
+            Ok(ws) => ok.push(ws),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(format!(
+            "{} of {total} connections failed; first: {e}",
+            total - ok.len()
+        )),
+        None => Ok(ok),
+    }
+}
+
+/// Pushes the current time ([`now_us`]) into `arr` and returns the update as v1 bytes.
+pub fn stamp_update(doc: &Doc, arr: &ArrayRef) -> Vec<u8> {
+    let mut txn = doc.transact_mut();
+    arr.push_back(&mut txn, now_us() as i64);
+    txn.encode_update_v1()
+}
+
+/// A probe's document: per writer array (`ts{w}`) and how many elements were read already.
+pub struct ProbeDoc {
+    doc: Doc,
+    arrays: Vec<ArrayRef>,
+    seen: Vec<u32>,
+}
+
+impl ProbeDoc {
+    /// A document reading the arrays of `writers` writers.
+    pub fn new(writers: usize) -> ProbeDoc {
+        let doc = Doc::new();
+        let arrays = (0..writers)
+            .map(|w| doc.get_or_insert_array(format!("ts{w}").as_str()))
+            .collect();
+        ProbeDoc {
+            doc,
+            arrays,
+            seen: vec![0; writers],
+        }
+    }
+
+    /// Applies an update and returns the send times it brought (empty: a re-delivery); `None`
+    /// if it did not decode.
+    pub fn apply(&mut self, update: &[u8]) -> Option<Vec<u64>> {
+        let u = Update::decode_v1(update).ok()?;
+        let mut txn = self.doc.transact_mut();
+        txn.apply_update(u).ok()?;
+        let mut out = Vec::new();
+        for (w, arr) in self.arrays.iter().enumerate() {
+            let len = arr.len(&txn);
+            for i in self.seen[w]..len {
+                if let Some(Out::Any(yrs::Any::Number(n))) = arr.get(&txn, i) {
+                    if let Some(v) = n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)) {
+                        out.push(v as u64);
+                    }
+                }
+            }
+            self.seen[w] = self.seen[w].max(len);
+        }
+        Some(out)
+    }
+}
+
+/// Aborts the connection tasks when dropped, so that no early return leaves them running (and
+/// their sockets open).
+#[derive(Default)]
+pub struct Tasks(pub Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 #[cfg(test)]
