@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tandem_protocol::{AwarenessUpdate, CloseCode, Message, MessageReader, SyncMessage};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use super::limits::{AddressSlot, TokenBucket};
-use super::outbox::{outbox, FrameSink, Next, Outbox, OutboxReceiver};
+use super::outbox::{outbox, Next, Outbox, OutboxReceiver};
 use crate::auth::{Access, Grant};
 use crate::doc::{check_state_vector, DecodedUpdate};
 use crate::hub::Hub;
@@ -178,12 +178,7 @@ async fn run(
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = outbox(settings.outbox_bytes);
     let seen = Arc::new(AtomicBool::new(true));
-    let writer = tokio::spawn(write_loop(
-        Box::pin(sink),
-        out_rx,
-        settings.clone(),
-        seen.clone(),
-    ));
+    let writer = tokio::spawn(write_loop(sink, out_rx, settings.clone(), seen.clone()));
 
     match hub.join(&room, conn, out.clone()).await {
         Ok(membership) => {
@@ -487,77 +482,47 @@ async fn handle_frame(
     Ok(())
 }
 
-/// What woke the writer.
-enum Wake {
-    Outbox(Next),
-    Ping,
-}
-
-/// Writes the outbox to the socket, coalescing queued frames into one flush, and pings. While it
-/// has nothing to do it parks the sink in the outbox, where pushes write to it directly (see
-/// `outbox`); it takes the sink back for pings, closes, and whatever a push could not finish.
-async fn write_loop(
-    sink: FrameSink,
+/// Writes the outbox to the socket, coalescing queued frames into one flush, and pings.
+async fn write_loop<S>(
+    mut sink: S,
     mut rx: OutboxReceiver,
     settings: Arc<SessionSettings>,
     seen: Arc<AtomicBool>,
-) {
+) where
+    S: Sink<WsMessage, Error = axum::Error> + Unpin,
+{
     let close_signal = rx.close_signal();
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await;
-    // `Some` while this task holds the sink; `None` while it is parked or handed over.
-    let mut held = Some(sink);
-    let mut queued_first = None;
     let close = loop {
-        if let Some(sink) = held.take() {
-            if let Err((sink, frame)) = rx.park(sink) {
-                held = Some(sink);
-                queued_first = Some(frame);
-            }
-        }
-        let wake = match queued_first.take() {
-            Some(frame) => Wake::Outbox(Next::Frame(frame)),
-            None => tokio::select! {
-                next = rx.next() => Wake::Outbox(next),
-                _ = ping.tick() => Wake::Ping,
-            },
-        };
-        let Some(mut sink) = held.take().or_else(|| rx.take_sink()) else {
-            break None;
-        };
-        let outcome = match wake {
-            Wake::Ping => {
+        let next = tokio::select! {
+            next = rx.next() => next,
+            _ = ping.tick() => {
                 if !seen.swap(false, Ordering::Relaxed) {
-                    Err(Some((CloseCode::GoingAway, "ping timeout".into())))
-                } else if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                    Err(None)
-                } else {
-                    Ok(())
+                    break Some((CloseCode::GoingAway, "ping timeout".into()));
                 }
+                if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+                continue;
             }
-            Wake::Outbox(Next::Frame(first)) => {
+        };
+        match next {
+            Next::Frame(first) => {
                 // A blocked socket (a reader that stopped reading) must not keep a close waiting.
                 let written = tokio::select! {
                     r = write_batch(&mut sink, &mut rx, first, settings.max_coalesce_frames) => r,
-                    req = close_signal.requested() => {
-                        held = Some(sink);
-                        break Some((req.code, req.reason));
-                    }
+                    req = close_signal.requested() => break Some((req.code, req.reason)),
                 };
-                written.map_err(|_| None)
+                if written.is_err() {
+                    break None;
+                }
             }
-            Wake::Outbox(Next::Close(req)) => Err(Some((req.code, req.reason))),
-            Wake::Outbox(Next::Ended) => Err(None),
-        };
-        held = Some(sink);
-        if let Err(close) = outcome {
-            break close;
+            Next::Close(req) => break Some((req.code, req.reason)),
+            Next::Ended => break None,
         }
     };
     if let Some((code, reason)) = close {
-        let Some(mut sink) = held.or_else(|| rx.take_sink()) else {
-            return;
-        };
         let frame = CloseFrame {
             code: code.code(),
             reason: clip_reason(&reason).into(),
@@ -583,31 +548,29 @@ fn clip_reason(reason: &str) -> &str {
     &reason[..end]
 }
 
-/// Feeds `first` and whatever else is already queued, then flushes once (which also finishes
-/// a flush a direct write left pending). Empty frames are wake-ups and carry nothing.
-async fn write_batch(
-    sink: &mut FrameSink,
+/// Feeds `first` and whatever else is already queued, then flushes once.
+async fn write_batch<S>(
+    sink: &mut S,
     rx: &mut OutboxReceiver,
     first: Bytes,
     max: usize,
-) -> Result<(), axum::Error> {
+) -> Result<(), axum::Error>
+where
+    S: Sink<WsMessage, Error = axum::Error> + Unpin,
+{
     let mut frame = Some(first);
-    let mut n = 0;
     let (mut frames, mut bytes) = (0, 0);
     while let Some(f) = frame.take() {
         let len = f.len();
-        if len > 0 {
-            sink.feed(WsMessage::Binary(f)).await?;
-            rx.written(len);
-            frames += 1;
-            bytes += len as u64;
-        }
-        n += 1;
-        if n < max {
+        sink.feed(WsMessage::Binary(f)).await?;
+        rx.written(len);
+        frames += 1;
+        bytes += len as u64;
+        if frames < max {
             frame = rx.try_next_frame();
         }
     }
-    METRICS.frames_out.add(frames);
+    METRICS.frames_out.add(frames as u64);
     METRICS.bytes_out.add(bytes);
     sink.flush().await
 }

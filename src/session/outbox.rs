@@ -4,34 +4,15 @@
 //! connection's queued bytes would pass its budget, the push fails and the connection is told to
 //! close with 1013 (try again later): a slow reader costs only itself, and no CRDT frame is ever
 //! dropped silently — the client resyncs when it reconnects.
-//!
-//! **Direct writes.** While the connection's writer task is idle it *parks* its sink here, and a
-//! push writes the frame to the socket at once, on the pusher's thread, if the socket takes it
-//! without waiting (the common case: kernel socket buffers are large and clients read). That
-//! saves waking and scheduling the writer task for every delivery, which cost more CPU than the
-//! write itself. Whenever the socket would make anyone wait (a full socket buffer, the reading
-//! half holding the shared lock for a moment) the sink is handed to the writer task, which
-//! finishes the write asynchronously; until it parks the sink again every frame goes through the
-//! queue, in order, bounded by the budget as before.
 
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::Message as WsMessage;
 use bytes::Bytes;
-use futures_util::task::noop_waker_ref;
-use futures_util::Sink;
 use tandem_protocol::CloseCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-use crate::metrics::METRICS;
-
-/// The writing half of a connection's socket.
-pub type FrameSink = Pin<Box<dyn Sink<WsMessage, Error = axum::Error> + Send>>;
 
 /// Why and how a connection is being closed by the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,60 +42,6 @@ struct Shared {
     close: OnceLock<CloseRequest>,
     /// Cancelled right after `close` is set; both halves of the connection wait on it.
     closed: CancellationToken,
-    /// Who holds the socket's sink. Frames enter the queue only while this lock is held, so
-    /// "parked and the queue is empty" cannot change under a holder of the lock.
-    sink: Mutex<SinkSlot>,
-}
-
-/// Where the sink is when the writer task is not using it.
-#[derive(Default)]
-struct SinkSlot {
-    /// Parked by the idle writer: the queue is empty and a push may write directly.
-    parked: Option<FrameSink>,
-    /// Handed back to the writer by a push that could not finish without waiting; the writer
-    /// has been woken (by that frame, or by an empty wake-up frame) and takes it.
-    handed: Option<FrameSink>,
-}
-
-impl Shared {
-    fn slot(&self) -> MutexGuard<'_, SinkSlot> {
-        // Nothing panics while holding the lock; if something did, the slot is still sound.
-        self.sink.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// What a direct write attempt did.
-enum Attempt {
-    /// The frame is in the kernel's socket buffer.
-    Written,
-    /// The frame is in the sink's buffer; the socket is full, the writer must finish the flush.
-    Flushing,
-    /// The sink cannot take a frame without waiting; the frame is given back.
-    NotReady(Bytes),
-    /// The socket failed.
-    Broken,
-}
-
-/// Writes `frame` to `sink` if that needs no waiting. Polled with a no-op waker: whenever it
-/// says "pending", the writer task takes over and polls again with its own.
-fn write_now(sink: &mut FrameSink, frame: Bytes) -> Attempt {
-    let mut cx = Context::from_waker(noop_waker_ref());
-    match sink.as_mut().poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        Poll::Ready(Err(_)) => return Attempt::Broken,
-        Poll::Pending => return Attempt::NotReady(frame),
-    }
-    let len = frame.len();
-    if sink.as_mut().start_send(WsMessage::Binary(frame)).is_err() {
-        return Attempt::Broken;
-    }
-    METRICS.frames_out.inc();
-    METRICS.bytes_out.add(len as u64);
-    match sink.as_mut().poll_flush(&mut cx) {
-        Poll::Ready(Ok(())) => Attempt::Written,
-        Poll::Ready(Err(_)) => Attempt::Broken,
-        Poll::Pending => Attempt::Flushing,
-    }
 }
 
 /// The sending side, held by the room (and cloned for the connection itself).
@@ -148,7 +75,6 @@ pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
         budget,
         close: OnceLock::new(),
         closed: CancellationToken::new(),
-        sink: Mutex::new(SinkSlot::default()),
     });
     (
         Outbox {
@@ -160,41 +86,11 @@ pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
 }
 
 impl Outbox {
-    /// Writes a frame to the socket if the writer is idle and the socket takes it at once, else
-    /// queues it; never waits. On overflow the connection is closed with 1013.
+    /// Queues a frame without waiting. On overflow the connection is closed with 1013.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
         if self.shared.close.get().is_some() {
             return Err(PushError::Closed);
         }
-        let mut slot = self.shared.slot();
-        let Some(mut sink) = slot.parked.take() else {
-            return self.enqueue(frame);
-        };
-        match write_now(&mut sink, frame) {
-            Attempt::Written => {
-                slot.parked = Some(sink);
-                Ok(())
-            }
-            Attempt::NotReady(frame) => {
-                // The frame itself wakes the writer, which takes the sink and writes it.
-                slot.handed = Some(sink);
-                self.enqueue(frame)
-            }
-            Attempt::Flushing | Attempt::Broken => {
-                // The writer finishes the flush (or finds the socket broken and ends).
-                slot.handed = Some(sink);
-                self.wake_writer()
-            }
-        }
-    }
-
-    /// Wakes the writer task without giving it a frame (an empty frame is never a message).
-    fn wake_writer(&self) -> Result<(), PushError> {
-        self.tx.send(Bytes::new()).map_err(|_| PushError::Closed)
-    }
-
-    /// Queues a frame for the writer task. Called with the sink slot locked.
-    fn enqueue(&self, frame: Bytes) -> Result<(), PushError> {
         let len = frame.len();
         let before = self.shared.queued.fetch_add(len, Ordering::AcqRel);
         if before > 0 && before + len > self.shared.budget {
@@ -297,28 +193,6 @@ impl OutboxReceiver {
     /// Records that `len` bytes left the outbox for the socket.
     pub fn written(&self, len: usize) {
         self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-    }
-
-    /// Parks the idle writer's sink so that pushes can write directly, unless a frame is already
-    /// queued: then that frame is returned and the writer keeps the sink to write it.
-    pub fn park(&mut self, sink: FrameSink) -> Result<(), (FrameSink, Bytes)> {
-        let mut slot = self.shared.slot();
-        loop {
-            match self.rx.try_recv() {
-                // Wake-ups carry nothing to write.
-                Ok(frame) if frame.is_empty() => continue,
-                Ok(frame) => return Err((sink, frame)),
-                Err(_) => break,
-            }
-        }
-        slot.parked = Some(sink);
-        Ok(())
-    }
-
-    /// Takes the sink back for the writer task: the parked one, or the one a push handed over.
-    pub fn take_sink(&self) -> Option<FrameSink> {
-        let mut slot = self.shared.slot();
-        slot.parked.take().or_else(|| slot.handed.take())
     }
 
     /// A handle that waits for the close request without borrowing the receiver.
