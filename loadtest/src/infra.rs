@@ -20,6 +20,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub enum Store {
     Sqlite,
+    /// SQLite in memory (`sqlite::memory:`): the same code path without durability, to compare
+    /// like for like with servers that keep nothing.
+    SqliteMemory,
     /// A database created for this run (dropped at the end) on the server of `admin`.
     Postgres {
         admin: String,
@@ -59,6 +62,7 @@ impl Store {
     pub fn describe(&self) -> String {
         match self {
             Store::Sqlite => "sqlite (one shared file, WAL)".into(),
+            Store::SqliteMemory => "sqlite in memory (not durable)".into(),
             Store::Postgres { db, .. } => format!("postgres (fresh database {db})"),
         }
     }
@@ -208,6 +212,7 @@ impl Cluster {
         };
         let db_url = match &self.store {
             Store::Sqlite => format!("sqlite://{}", self.dir.join("shared.db").display()),
+            Store::SqliteMemory => "sqlite::memory:".into(),
             Store::Postgres { url, .. } => url.clone(),
         };
         for i in 0..nodes {

@@ -24,8 +24,11 @@ const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 /// A server implementation to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
-    /// tandem (target/release/tandem by default).
+    /// tandem (target/release/tandem by default), storing every update durably in SQLite.
     Tandem,
+    /// tandem with its store in memory (`sqlite::memory:`): like for like with the peers, which
+    /// keep nothing.
+    TandemMemory,
     /// The stock Node y-websocket server (@y/websocket-server).
     YWebsocket,
     /// Hocuspocus (@hocuspocus/server).
@@ -37,6 +40,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Tandem => "tandem",
+            Target::TandemMemory => "tandem-memory",
             Target::YWebsocket => "y-websocket",
             Target::Hocuspocus => "hocuspocus",
         }
@@ -75,12 +79,17 @@ impl Server {
         tandem_args: &[&str],
     ) -> Res<Server> {
         match target {
-            Target::Tandem => {
+            Target::Tandem | Target::TandemMemory => {
+                let store = if target == Target::Tandem {
+                    Store::Sqlite
+                } else {
+                    Store::SqliteMemory
+                };
                 let cluster = Cluster::start_with(
                     tandem,
                     "redis-server",
                     1,
-                    Store::Sqlite,
+                    store,
                     false,
                     tandem_args,
                 )
