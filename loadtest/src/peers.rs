@@ -85,15 +85,9 @@ impl Server {
                 } else {
                     Store::SqliteMemory
                 };
-                let cluster = Cluster::start_with(
-                    tandem,
-                    "redis-server",
-                    1,
-                    store,
-                    false,
-                    tandem_args,
-                )
-                .await?;
+                let cluster =
+                    Cluster::start_with(tandem, "redis-server", 1, store, false, tandem_args)
+                        .await?;
                 let node = &cluster.nodes[0];
                 let (addr, pid) = (node.addr.clone(), node.pid().ok_or("tandem exited")?);
                 Ok(Server {
