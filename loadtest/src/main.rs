@@ -19,6 +19,7 @@ mod idle;
 mod infra;
 mod peers;
 mod procstat;
+mod progress;
 mod rooms;
 mod wire;
 

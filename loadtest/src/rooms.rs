@@ -23,8 +23,8 @@ use tokio_tungstenite::tungstenite::Message;
 use yrs::Doc;
 
 use crate::peers::{self, Cell, Server, Target};
-use crate::procstat;
 use crate::wire::{self, now_us, Dialect, ProbeDoc, Tasks, Ws};
+use crate::{procstat, progress};
 
 type Res<T> = Result<T, String>;
 
@@ -437,7 +437,8 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         )));
     }
 
-    tokio::time::sleep_until(window_start.into()).await;
+    let status = || format!("{} sent, {} delivered", shared.sent(), shared.delivered());
+    progress::wait_until(window_start, "warmup", status).await;
     let (me, m0) = (procstat::sample(std::process::id())?, procstat::machine()?);
     let (cpu0, del0, sent0, t0) = (
         procstat::sample(server.pid)?,
@@ -445,7 +446,7 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         shared.sent(),
         Instant::now(),
     );
-    tokio::time::sleep_until(end.into()).await;
+    progress::wait_until(end, "measure", status).await;
     let (cpu1, del1, sent1, t1) = (
         procstat::sample(server.pid)?,
         shared.delivered(),
