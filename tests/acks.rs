@@ -510,13 +510,25 @@ async fn an_update_waiting_for_its_predecessor_is_never_acknowledged() {
 async fn an_update_stored_only_in_part_is_not_acknowledged() {
     let server = TestServer::start().await;
     let room = "acks/partial";
-    let source = Doc::with_client_id(5);
-    append_text(&source, "t", "a");
-    let before = source.transact().state_vector();
-    append_text(&source, "t", "b");
-    let only_b = source.transact().encode_state_as_update_v1(&before);
+    // Client 6 typed "b" after client 5's "a", which the room has never seen. (An update that
+    // skips its own client's clocks is refused outright: `YDoc::apply_from_client`.)
+    let five = Doc::with_client_id(5);
+    append_text(&five, "t", "a");
+    let six = Doc::with_client_id(6);
+    {
+        use yrs::updates::decoder::Decode;
+        let a = five
+            .transact()
+            .encode_state_as_update_v1(&Default::default());
+        six.transact_mut()
+            .apply_update(yrs::Update::decode_v1(&a).unwrap())
+            .unwrap();
+    }
+    let before = six.transact().state_vector();
+    append_text(&six, "t", "b");
+    let only_b = six.transact().encode_diff_v1(&before);
     // One message: "x" applies, "b" waits for "a".
-    let both = yrs::merge_updates_v1([&only_b[..], &foreign_update(6, "x")[..]]).unwrap();
+    let both = yrs::merge_updates_v1([&only_b[..], &foreign_update(7, "x")[..]]).unwrap();
 
     let mut ws = raw(&server.url(room)).await;
     send_binary(&mut ws, Message::AckRequest.to_frame()).await;

@@ -164,7 +164,7 @@ impl Room {
         let summary = self.doc.sync_summary();
         // An update yrs refused after integrating part of it: the room relays (and stores) that
         // part and closes the sender.
-        let (result, refused) = match self.doc.apply(update) {
+        let (result, refused) = match self.doc.apply_from_client(update) {
             Err(DocError::PartlyApplied { effective, .. }) => (
                 Ok(Applied::Changed {
                     effective,

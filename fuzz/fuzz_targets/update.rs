@@ -40,7 +40,7 @@ fn run(raw: &Bytes, seeded: bool) {
     let mut room = fresh(seeded);
     let summary = room.sync_summary();
     // An update yrs refused after integrating part of it: the room relays that part.
-    let result = match room.apply(update) {
+    let result = match room.apply_from_client(update) {
         Err(DocError::PartlyApplied { effective, .. }) => Ok(Applied::Changed {
             effective,
             complete: false,

@@ -30,6 +30,10 @@ pub enum DocError {
         /// What the transaction integrated before it stopped.
         effective: Bytes,
     },
+    /// An update from a client skips clocks: it starts past what the room holds of some client,
+    /// or leaves a gap between its blocks. See [`YDoc::apply_from_client`].
+    #[error("update skips clocks: {0}")]
+    Gap(String),
     /// yrs panicked. The document may be inconsistent: it has been set aside (see
     /// [`YDoc::is_poisoned`]) and the caller must discard this [`YDoc`].
     #[error("the CRDT engine panicked on this input")]
@@ -168,6 +172,24 @@ impl YDoc {
     /// On [`DocError::Panicked`] the document may be half-updated: the caller must drop it.
     pub fn apply(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
         let result = write(&self.doc, |txn| apply_in(txn, update)).and_then(|r| r);
+        self.guard(result)
+    }
+
+    /// Applies an update that a client sent, refusing ([`DocError::Gap`]) one that skips clocks.
+    ///
+    /// A client only ever sees what its room holds, and sends its own edits in order on one
+    /// socket, so what it sends never starts past the room's clock for any client nor leaves a
+    /// gap (a reconnecting client's sync step 2 is computed from the room's state vector). Such
+    /// updates are hostile, or broken: they are what make yrs wait for missing blocks and
+    /// integrate "skips", the paths on which hostile updates made yrs use freed memory (fuzz
+    /// findings 9 and 10, docs/fuzzing.md). Updates from other nodes, which may arrive out of
+    /// order, go through [`YDoc::apply`].
+    pub fn apply_from_client(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
+        let result = write(&self.doc, |txn| {
+            check_gap_free(txn, &update.update)?;
+            apply_in(txn, update)
+        })
+        .and_then(|r| r);
         self.guard(result)
     }
 
@@ -358,6 +380,28 @@ pub(super) fn integrate<'a>(
         }
         Ok(())
     })?
+}
+
+/// Refuses an update whose blocks for some client start past the clock `txn`'s document holds
+/// for that client, or leave a gap between them.
+fn check_gap_free(txn: &TransactionMut<'_>, update: &Update) -> Result<(), DocError> {
+    let have = txn.state_vector();
+    for (client, &first) in update.state_vector_lower().iter() {
+        let held = have.get(client);
+        if first > held {
+            return Err(DocError::Gap(format!(
+                "client {client} starts at clock {first}, the room holds {held}"
+            )));
+        }
+    }
+    for (client, ranges) in update.insertions(true).iter() {
+        if ranges.len() > 1 {
+            return Err(DocError::Gap(format!(
+                "client {client}'s blocks leave a gap"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Applies one decoded update in `txn` and works out what to relay.

@@ -386,7 +386,7 @@ impl Actor {
         let wants_acks = peer.wants_acks();
         let raw = update.raw().clone();
         let started = Instant::now();
-        let (effective, complete) = match self.doc.apply(update) {
+        let (effective, complete) = match self.doc.apply_from_client(update) {
             Ok(Applied::Unchanged) if wants_acks && self.ctx.broker.is_some() => {
                 // Already in the document, but maybe only from another node that has not stored
                 // it yet: store it again (updates are idempotent) and acknowledge that write.
