@@ -173,20 +173,8 @@ fn print_table(r: &Value) {
             "RSS idle MiB",
             Box::new(|v| peers::mib(&v["memory_kib"]["rss_idle"])),
         ),
-        (
-            "RSS end MiB",
-            Box::new(|v| peers::mib(&v["memory_kib"]["rss_end"])),
-        ),
-        (
-            "RSS peak MiB",
-            Box::new(|v| peers::mib(&v["memory_kib"]["hwm"])),
-        ),
-        (
-            "RSS KiB / connection",
-            Box::new(|v| f(&v["memory_kib"]["rss_per_connection"], 1)),
-        ),
-        ("connect s", Box::new(|v| f(&v["connect_secs"], 2))),
     ]);
+    rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
     // Latency by the probe's place in the join order: a server that writes to its connections
     // one after another shows it growing along the order.

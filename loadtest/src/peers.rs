@@ -283,6 +283,23 @@ pub fn cpu_rows() -> Vec<(&'static str, Cell<'static>)> {
     ]
 }
 
+/// The rows both traffic scenarios end their table with: the server's memory at the end of the
+/// window (`memory_kib`) and the connect time.
+pub fn memory_rows() -> Vec<(&'static str, Cell<'static>)> {
+    vec![
+        (
+            "RSS end MiB",
+            Box::new(|v| mib(&v["memory_kib"]["rss_end"])),
+        ),
+        ("RSS peak MiB", Box::new(|v| mib(&v["memory_kib"]["hwm"]))),
+        (
+            "RSS KiB / connection",
+            Box::new(|v| num(&v["memory_kib"]["rss_per_connection"], 1)),
+        ),
+        ("connect s", Box::new(|v| num(&v["connect_secs"], 2))),
+    ]
+}
+
 /// The rows of [`crate::procstat::context_json`] (under `machine`): what the load generator and
 /// everything else on the machine used during the window, in cores.
 pub fn machine_rows() -> Vec<(&'static str, Cell<'static>)> {

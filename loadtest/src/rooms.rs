@@ -545,19 +545,7 @@ fn print_table(r: &Value) {
             "sockets ended early",
             Box::new(|v| v["sockets_ended_early"].to_string()),
         ),
-        (
-            "RSS end MiB",
-            Box::new(|v| peers::mib(&v["memory_kib"]["rss_end"])),
-        ),
-        (
-            "RSS peak MiB",
-            Box::new(|v| peers::mib(&v["memory_kib"]["hwm"])),
-        ),
-        (
-            "RSS KiB / connection",
-            Box::new(|v| f(&v["memory_kib"]["rss_per_connection"], 1)),
-        ),
-        ("connect s", Box::new(|v| f(&v["connect_secs"], 2))),
     ]);
+    rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
 }
