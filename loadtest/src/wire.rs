@@ -35,20 +35,7 @@ pub enum Dialect {
     Hocuspocus,
 }
 
-/// Appends `v` as a lib0 `varUint`.
-pub fn write_var_uint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Appends `varUint(len) bytes`.
-pub fn write_var_buf(out: &mut Vec<u8>, b: &[u8]) {
-    write_var_uint(out, b.len() as u64);
-    out.extend_from_slice(b);
-}
+use tandem_protocol::lib0::write_var_bytes as write_var_buf;
 
 /// Reads a lib0 `varUint` at `*pos`, advancing it; `None` when truncated or too long.
 pub fn read_var_uint(b: &[u8], pos: &mut usize) -> Option<u64> {
@@ -414,6 +401,7 @@ impl Drop for Tasks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_protocol::lib0::write_var_uint;
 
     #[test]
     fn var_uint_round_trip() {
