@@ -92,10 +92,7 @@ pub async fn fanout(args: FanoutArgs) -> Res<()> {
     let mut runs = Vec::new();
     for &target in &args.targets {
         eprintln!("fanout: {} ...", target.name());
-        let mut report = match rooms::run_target(&plan, target).await {
-            Ok(r) => r,
-            Err(e) => json!({ "target": target.name(), "error": e }),
-        };
+        let mut report = peers::report_or_error(target, rooms::run_target(&plan, target).await);
         verdict(&mut report, args.target_p99_ms);
         runs.push(report);
     }

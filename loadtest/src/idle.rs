@@ -408,10 +408,7 @@ pub async fn idle(args: IdleArgs) -> Res<()> {
     let mut runs = Vec::new();
     for &target in &args.targets {
         eprintln!("idle: {} ...", target.name());
-        let report = match run_target(&args, target).await {
-            Ok(r) => r,
-            Err(e) => json!({ "target": target.name(), "error": e }),
-        };
+        let report = peers::report_or_error(target, run_target(&args, target).await);
         runs.push(report);
     }
     let report = json!({

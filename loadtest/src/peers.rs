@@ -283,6 +283,11 @@ pub fn cpu_rows() -> Vec<(&'static str, Cell<'static>)> {
     ]
 }
 
+/// A target's report, or a report that says why the run failed (the other targets still run).
+pub fn report_or_error(target: Target, result: Res<Value>) -> Value {
+    result.unwrap_or_else(|e| json!({ "target": target.name(), "error": e }))
+}
+
 /// The rows both traffic scenarios end their table with: the server's memory at the end of the
 /// window (`memory_kib`) and the connect time.
 pub fn memory_rows() -> Vec<(&'static str, Cell<'static>)> {

@@ -156,10 +156,7 @@ pub async fn rooms(args: RoomsArgs) -> Res<()> {
     let mut runs = Vec::new();
     for &target in &args.targets {
         eprintln!("rooms: {} ...", target.name());
-        let report = match run_target(&plan, target).await {
-            Ok(r) => r,
-            Err(e) => json!({ "target": target.name(), "error": e }),
-        };
+        let report = peers::report_or_error(target, run_target(&plan, target).await);
         runs.push(report);
     }
     let report = json!({
