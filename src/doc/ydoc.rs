@@ -169,7 +169,8 @@ impl YDoc {
 
     /// Applies an update in one transaction.
     ///
-    /// On [`DocError::Panicked`] the document may be half-updated: the caller must drop it.
+    /// On [`DocError::Panicked`] the broken document has been set aside (see [`YDoc`]): the
+    /// caller must discard this `YDoc` and reload.
     pub fn apply(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
         let result = write(&self.doc, |txn| apply_in(txn, update)).and_then(|r| r);
         self.guard(result)
