@@ -1,0 +1,787 @@
+//! The structure of a Yjs v1 update, read and checked before a CRDT engine integrates it.
+//!
+//! A v1 update is, per client, a run of blocks (items, GC ranges, skips) at consecutive clocks,
+//! then a delete set. [`UpdateShape::read`] walks those bytes without building anything the
+//! engine builds: it records each block's clock range and the ids it depends on (its left and
+//! right origins and its parent), and refuses what no Yjs or yrs encoder writes and what the
+//! engine would mishandle:
+//!
+//! - a client with two block runs (yrs 0.28 then holds blocks with overlapping clocks and uses
+//!   freed memory, fuzz finding 11 in docs/fuzzing.md);
+//! - `Any` values nested deeper than [`MAX_ANY_DEPTH`] (yrs decodes and drops them recursively:
+//!   about 10,000 levels, 20 KB, overflow a 2 MiB thread stack and abort the process, finding 12);
+//! - clocks past `u32::MAX`, empty GC ranges and skips, empty or overlapping deletions;
+//! - content kinds that Yjs and yrs read differently (legacy JSON content, bit 4 of the info
+//!   byte, weak links) or that neither defines, and trailing bytes.
+//!
+//! [`UpdateShape::check_dependencies`] then tells whether everything the update refers to is in
+//! the document already or earlier in the update itself, with no cycle, i.e. whether the engine
+//! can integrate it at once without parking blocks that wait for missing ones (the path on which
+//! fuzzing found yrs' memory errors).
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use thiserror::Error;
+
+use crate::lib0::{DecodeError, Decoder};
+
+/// Deepest nesting of arrays and maps accepted in an `Any` value (the limit `serde_json` applies
+/// to JSON by default).
+pub const MAX_ANY_DEPTH: usize = 128;
+
+const HAS_ORIGIN: u8 = 0x80;
+const HAS_RIGHT_ORIGIN: u8 = 0x40;
+const HAS_PARENT_SUB: u8 = 0x20;
+const GC: u8 = 0;
+const SKIP: u8 = 10;
+
+/// Why bytes are not an update tandem accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ShapeError {
+    /// The lib0 encoding itself is broken.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A client's blocks come in two runs.
+    #[error("client {0} has two block runs")]
+    DuplicateClient(u64),
+    /// A block or deletion reaches past the largest clock (`u32::MAX`).
+    #[error("client {0}'s clocks overflow")]
+    ClockOverflow(u64),
+    /// A GC range or skip of length zero.
+    #[error("client {0} has an empty range")]
+    EmptyRange(u64),
+    /// An info byte whose content kind is unknown, or read differently by Yjs and yrs.
+    #[error("unsupported block kind (info byte {0:#04x})")]
+    UnsupportedContent(u8),
+    /// A shared type kind that is unknown or not accepted (weak links).
+    #[error("unsupported type reference {0}")]
+    UnsupportedType(u8),
+    /// The parent flag is neither 0 (an id) nor 1 (a root name).
+    #[error("parent info {0} is neither 0 nor 1")]
+    ParentInfo(u64),
+    /// An `Any` value has an unknown tag.
+    #[error("unknown Any tag {0}")]
+    AnyTag(u8),
+    /// An `Any` value nests deeper than [`MAX_ANY_DEPTH`].
+    #[error("Any value nested deeper than {MAX_ANY_DEPTH}")]
+    TooDeep,
+    /// A signed varint longer than ten bytes.
+    #[error("signed varint too long")]
+    VarIntTooLong,
+    /// The delete set names a client twice, or its ranges are empty, out of order or overlap.
+    #[error("client {0}'s deletions are empty, repeated or out of order")]
+    DeleteSet(u64),
+}
+
+/// Why an update cannot be integrated at once into a document (see
+/// [`UpdateShape::check_dependencies`]).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DependencyError {
+    /// The update's blocks for a client start past what the document holds of it.
+    #[error("client {client} starts at clock {start}, the document holds {held}")]
+    StartsPast {
+        /// The client.
+        client: u64,
+        /// Its first clock in the update.
+        start: u32,
+        /// Its clock in the document.
+        held: u32,
+    },
+    /// The update contains skips (gaps left in a client's clocks).
+    #[error("client {0}'s blocks leave a gap")]
+    Skip(u64),
+    /// A block refers to (or a deletion covers) content neither the document nor the update has.
+    #[error("refers to {client}:{clock}, which is missing")]
+    Missing {
+        /// Client of the missing id.
+        client: u64,
+        /// Clock of the missing id.
+        clock: u32,
+    },
+    /// Blocks of the update depend on each other in a cycle.
+    #[error("block {client}:{clock} depends on itself")]
+    Cycle {
+        /// Client of a block on the cycle.
+        client: u64,
+        /// Clock of that block.
+        clock: u32,
+    },
+}
+
+/// An id: a client and a clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Id {
+    /// The client.
+    pub client: u64,
+    /// The clock.
+    pub clock: u32,
+}
+
+/// What kind of block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// An item (content, possibly deleted).
+    Item,
+    /// A garbage-collected range.
+    Gc,
+    /// A skipped range: the update does not carry these clocks.
+    Skip,
+}
+
+/// One block of an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Its first clock.
+    pub clock: u32,
+    /// How many clocks it spans (at least 1).
+    pub len: u32,
+    /// What it is.
+    pub kind: BlockKind,
+    /// The ids it depends on: left origin, right origin, parent (items only).
+    pub deps: [Option<Id>; 3],
+}
+
+/// A client's run of blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRun {
+    /// The client.
+    pub client: u64,
+    /// Its first clock.
+    pub start: u32,
+    /// One past its last clock.
+    pub end: u32,
+    blocks: Range<usize>,
+}
+
+/// A range of deleted clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deletion {
+    /// The client.
+    pub client: u64,
+    /// The first deleted clock.
+    pub clock: u32,
+    /// How many clocks.
+    pub len: u32,
+}
+
+/// The structure of a v1 update (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpdateShape {
+    clients: Vec<ClientRun>,
+    blocks: Vec<Block>,
+    deletions: Vec<Deletion>,
+}
+
+impl UpdateShape {
+    /// Reads and checks the structure of a v1 update.
+    pub fn read(bytes: &[u8]) -> Result<Self, ShapeError> {
+        let mut dec = Decoder::new(bytes);
+        let mut shape = UpdateShape::default();
+        let runs = dec.read_var_uint()?;
+        // Each run takes at least three bytes: no reservation beyond what the input can hold.
+        shape
+            .clients
+            .reserve(runs.min(dec.remaining().len() as u64 / 3) as usize);
+        for _ in 0..runs {
+            let count = dec.read_var_uint()?;
+            let client = dec.read_var_uint()?;
+            if shape.clients.iter().any(|r| r.client == client) {
+                return Err(ShapeError::DuplicateClient(client));
+            }
+            let start = clock(dec.read_var_uint()?, client)?;
+            let first = shape.blocks.len();
+            let mut at = start;
+            for _ in 0..count {
+                if let Some(block) = read_block(&mut dec, client, at)? {
+                    at = clock(u64::from(at) + u64::from(block.len), client)?;
+                    shape.blocks.push(block);
+                }
+            }
+            shape.clients.push(ClientRun {
+                client,
+                start,
+                end: at,
+                blocks: first..shape.blocks.len(),
+            });
+        }
+        shape.deletions = read_delete_set(&mut dec)?;
+        if !dec.is_empty() {
+            return Err(DecodeError::TrailingBytes(dec.remaining().len()).into());
+        }
+        Ok(shape)
+    }
+
+    /// Each client's run of blocks, in the order of the update.
+    pub fn clients(&self) -> &[ClientRun] {
+        &self.clients
+    }
+
+    /// The blocks of `run`.
+    pub fn blocks(&self, run: &ClientRun) -> &[Block] {
+        &self.blocks[run.blocks.clone()]
+    }
+
+    /// The delete set.
+    pub fn deletions(&self) -> &[Deletion] {
+        &self.deletions
+    }
+
+    /// Checks that a document holding clocks `held(client)` (its state vector) can integrate
+    /// this update at once: no client's blocks start past what it holds, no skips, every id a
+    /// block depends on and every deleted clock is in the document or in the update, and the
+    /// update's blocks do not depend on each other in a cycle.
+    ///
+    /// What a client sends passes when the client is well-behaved: it only ever sees what its
+    /// document holds, so whatever it refers to is there, or in the update with what it sends.
+    pub fn check_dependencies(&self, held: impl Fn(u64) -> u32) -> Result<(), DependencyError> {
+        let index: HashMap<u64, usize> = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.client, i))
+            .collect();
+        for run in &self.clients {
+            let have = held(run.client);
+            if run.start > have {
+                return Err(DependencyError::StartsPast {
+                    client: run.client,
+                    start: run.start,
+                    held: have,
+                });
+            }
+            if self.blocks(run).iter().any(|b| b.kind == BlockKind::Skip) {
+                return Err(DependencyError::Skip(run.client));
+            }
+        }
+        // Where `id` is: in the document (None), or in block `j` of run `i` (Some((i, j))).
+        let locate = |id: Id| -> Result<Option<(usize, usize)>, DependencyError> {
+            if id.clock < held(id.client) {
+                return Ok(None);
+            }
+            let missing = DependencyError::Missing {
+                client: id.client,
+                clock: id.clock,
+            };
+            let &i = index.get(&id.client).ok_or(missing.clone())?;
+            let run = &self.clients[i];
+            if id.clock >= run.end {
+                return Err(missing);
+            }
+            let blocks = self.blocks(run);
+            let j = blocks.partition_point(|b| b.clock <= id.clock) - 1;
+            Ok(Some((i, j)))
+        };
+        for d in &self.deletions {
+            // The last deleted clock must be there; runs are contiguous, so all of them are.
+            locate(Id {
+                client: d.client,
+                clock: d.clock + (d.len - 1),
+            })?;
+        }
+        // Integrate in dependency order, as the engine would: `done[i]` blocks of run `i` are in.
+        // An explicit stack, not recursion: hostile chains can be as long as the update.
+        let mut done = vec![0usize; self.clients.len()];
+        let mut active = vec![false; self.clients.len()];
+        let mut stack: Vec<(usize, usize)> = Vec::new();
+        for root in 0..self.clients.len() {
+            stack.push((root, self.clients[root].blocks.len()));
+            active[root] = true;
+            while let Some(&(i, target)) = stack.last() {
+                if done[i] >= target {
+                    stack.pop();
+                    active[i] = false;
+                    continue;
+                }
+                let run = &self.clients[i];
+                let block = &self.blocks(run)[done[i]];
+                let mut needs = None;
+                for &dep in block.deps.iter().flatten() {
+                    let Some((k, j)) = locate(dep)? else { continue };
+                    if j < done[k] {
+                        continue;
+                    }
+                    if active[k] {
+                        return Err(DependencyError::Cycle {
+                            client: run.client,
+                            clock: block.clock,
+                        });
+                    }
+                    needs = Some((k, j + 1));
+                    break;
+                }
+                match needs {
+                    Some((k, t)) => {
+                        active[k] = true;
+                        stack.push((k, t));
+                    }
+                    None => done[i] += 1,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A clock, refused past `u32::MAX` (yrs keeps clocks in 32 bits).
+fn clock(value: u64, client: u64) -> Result<u32, ShapeError> {
+    u32::try_from(value).map_err(|_| ShapeError::ClockOverflow(client))
+}
+
+fn read_id(dec: &mut Decoder<'_>) -> Result<Id, ShapeError> {
+    let client = dec.read_var_uint()?;
+    let clock = clock(dec.read_var_uint()?, client)?;
+    Ok(Id { client, clock })
+}
+
+fn read_len(dec: &mut Decoder<'_>, client: u64) -> Result<u32, ShapeError> {
+    clock(dec.read_var_uint()?, client)
+}
+
+/// Reads one block at `at`; `None` for an item with empty content, which yrs drops.
+fn read_block(dec: &mut Decoder<'_>, client: u64, at: u32) -> Result<Option<Block>, ShapeError> {
+    let info = dec.read_u8()?;
+    let range = |len: u32, kind| {
+        if len == 0 {
+            return Err(ShapeError::EmptyRange(client));
+        }
+        Ok(Some(Block {
+            clock: at,
+            len,
+            kind,
+            deps: [None; 3],
+        }))
+    };
+    match info {
+        GC => return range(read_len(dec, client)?, BlockKind::Gc),
+        SKIP => return range(read_len(dec, client)?, BlockKind::Skip),
+        _ => {}
+    }
+    // Yjs reads the content kind from bits 0-4, yrs from bits 0-3: refuse bit 4.
+    let kind = info & 0x1f;
+    if !(1..=9).contains(&kind) || kind == 2 {
+        return Err(ShapeError::UnsupportedContent(info));
+    }
+    let mut deps = [None; 3];
+    if info & HAS_ORIGIN != 0 {
+        deps[0] = Some(read_id(dec)?);
+    }
+    if info & HAS_RIGHT_ORIGIN != 0 {
+        deps[1] = Some(read_id(dec)?);
+    }
+    if info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0 {
+        match dec.read_var_uint()? {
+            1 => {
+                dec.read_var_string()?;
+            }
+            0 => deps[2] = Some(read_id(dec)?),
+            other => return Err(ShapeError::ParentInfo(other)),
+        }
+        if info & HAS_PARENT_SUB != 0 {
+            dec.read_var_string()?;
+        }
+    }
+    let len = read_content(dec, kind, client)?;
+    if len == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Block {
+        clock: at,
+        len,
+        kind: BlockKind::Item,
+        deps,
+    }))
+}
+
+/// Reads an item's content of `kind` and returns its length in clocks.
+fn read_content(dec: &mut Decoder<'_>, kind: u8, client: u64) -> Result<u32, ShapeError> {
+    Ok(match kind {
+        // Deleted: a length.
+        1 => read_len(dec, client)?,
+        // Binary.
+        3 => {
+            dec.read_var_bytes()?;
+            1
+        }
+        // String: its length in UTF-16 code units.
+        4 => {
+            let s = dec.read_var_string()?;
+            let units: usize = s.chars().map(char::len_utf16).sum();
+            clock(units as u64, client)?
+        }
+        // Embed: a JSON string.
+        5 => {
+            dec.read_var_string()?;
+            1
+        }
+        // Format: a key and a JSON string.
+        6 => {
+            dec.read_var_string()?;
+            dec.read_var_string()?;
+            1
+        }
+        // A shared type.
+        7 => {
+            match dec.read_u8()? {
+                // Array, Map, Text, XmlFragment, XmlText.
+                0 | 1 | 2 | 4 | 6 => {}
+                // XmlElement and XmlHook carry a name.
+                3 | 5 => {
+                    dec.read_var_string()?;
+                }
+                other => return Err(ShapeError::UnsupportedType(other)),
+            }
+            1
+        }
+        // Any values.
+        8 => {
+            let n = read_len(dec, client)?;
+            for _ in 0..n {
+                skip_any(dec)?;
+            }
+            n
+        }
+        // A subdocument: a guid and options.
+        9 => {
+            dec.read_var_string()?;
+            skip_any(dec)?;
+            1
+        }
+        _ => unreachable!("kinds are checked by the caller"),
+    })
+}
+
+/// Reads past one lib0 `Any` value without recursion, refusing nesting deeper than
+/// [`MAX_ANY_DEPTH`].
+fn skip_any(dec: &mut Decoder<'_>) -> Result<(), ShapeError> {
+    // Values still to read at each open level (map entries read their key first).
+    let mut open: Vec<(u64, bool)> = Vec::new();
+    let mut pending = 1u64;
+    let mut in_map = false;
+    loop {
+        while pending == 0 {
+            match open.pop() {
+                Some((p, m)) => (pending, in_map) = (p, m),
+                None => return Ok(()),
+            }
+        }
+        pending -= 1;
+        if in_map {
+            dec.read_var_string()?;
+        }
+        let tag = dec.read_u8()?;
+        match tag {
+            // undefined, null, false, true
+            127 | 126 | 121 | 120 => {}
+            125 => skip_var_int(dec)?,
+            124 => {
+                dec.read_exact(4)?;
+            }
+            123 | 122 => {
+                dec.read_exact(8)?;
+            }
+            119 => {
+                dec.read_var_string()?;
+            }
+            116 => {
+                dec.read_var_bytes()?;
+            }
+            118 | 117 => {
+                let n = dec.read_var_uint()?;
+                if open.len() >= MAX_ANY_DEPTH {
+                    return Err(ShapeError::TooDeep);
+                }
+                open.push((pending, in_map));
+                pending = n;
+                in_map = tag == 118;
+            }
+            other => return Err(ShapeError::AnyTag(other)),
+        }
+    }
+}
+
+/// Reads past a lib0 signed `varInt`.
+fn skip_var_int(dec: &mut Decoder<'_>) -> Result<(), ShapeError> {
+    for _ in 0..10 {
+        if dec.read_u8()? & 0x80 == 0 {
+            return Ok(());
+        }
+    }
+    Err(ShapeError::VarIntTooLong)
+}
+
+fn read_delete_set(dec: &mut Decoder<'_>) -> Result<Vec<Deletion>, ShapeError> {
+    let clients = dec.read_var_uint()?;
+    let mut out = Vec::new();
+    let mut seen: Vec<u64> = Vec::new();
+    for _ in 0..clients {
+        let client = dec.read_var_uint()?;
+        if seen.contains(&client) {
+            return Err(ShapeError::DeleteSet(client));
+        }
+        seen.push(client);
+        let ranges = dec.read_var_uint()?;
+        let mut floor = 0u64;
+        for _ in 0..ranges {
+            let start = u64::from(read_len(dec, client)?);
+            let len = u64::from(read_len(dec, client)?);
+            if len == 0 || start < floor {
+                return Err(ShapeError::DeleteSet(client));
+            }
+            floor = u64::from(clock(start + len, client)?);
+            out.push(Deletion {
+                client,
+                clock: start as u32,
+                len: len as u32,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(client: u64, clock: u32) -> Option<Id> {
+        Some(Id { client, clock })
+    }
+
+    /// One client, `count` blocks from `start`, then an empty delete set.
+    fn update(client: u8, start: u8, blocks: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![1, blocks.len() as u8, client, start];
+        for b in blocks {
+            out.extend_from_slice(b);
+        }
+        out.push(0);
+        out
+    }
+
+    // An item of string "ab" under root "t": info 4, parent info 1, name "t", content.
+    const ROOT_AB: &[u8] = &[4, 1, 1, b't', 2, b'a', b'b'];
+
+    #[test]
+    fn reads_runs_blocks_and_deletions() {
+        // Client 5 from clock 0: "ab" under root t, then "c" after 5:1; deletes 5:0..1.
+        let mut bytes = vec![1, 2, 5, 0];
+        bytes.extend_from_slice(ROOT_AB);
+        bytes.extend_from_slice(&[0x84, 5, 1, 1, b'c']);
+        bytes.extend_from_slice(&[1, 5, 1, 0, 1]);
+        let shape = UpdateShape::read(&bytes).unwrap();
+        let run = &shape.clients()[0];
+        assert_eq!((run.client, run.start, run.end), (5, 0, 3));
+        let blocks = shape.blocks(run);
+        assert_eq!(blocks.len(), 2);
+        assert_eq!((blocks[0].clock, blocks[0].len), (0, 2));
+        assert_eq!(blocks[1].deps, [id(5, 1), None, None]);
+        assert_eq!(
+            shape.deletions(),
+            &[Deletion {
+                client: 5,
+                clock: 0,
+                len: 1
+            }]
+        );
+        assert_eq!(shape.check_dependencies(|_| 0), Ok(()));
+    }
+
+    #[test]
+    fn string_length_counts_utf16_units() {
+        // "é😀" is 1 + 2 UTF-16 units.
+        let s = "é😀".as_bytes();
+        let mut item = vec![4, 1, 1, b't', s.len() as u8];
+        item.extend_from_slice(s);
+        let shape = UpdateShape::read(&update(1, 0, &[&item])).unwrap();
+        assert_eq!(shape.clients()[0].end, 3);
+    }
+
+    #[test]
+    fn refuses_what_encoders_never_write() {
+        let two_runs = [
+            2, 1, 7, 0, 4, 1, 1, b't', 1, b'x', 1, 7, 0, 4, 1, 1, b't', 1, b'y', 0,
+        ];
+        assert_eq!(
+            UpdateShape::read(&two_runs),
+            Err(ShapeError::DuplicateClient(7))
+        );
+        assert_eq!(
+            UpdateShape::read(&update(1, 0, &[&[GC, 0]])),
+            Err(ShapeError::EmptyRange(1))
+        );
+        // Legacy JSON content, bit 4, kind 0 as an item, unknown kinds.
+        for info in [0x02, 0x14, 0x80, 0x0b, 0x1f] {
+            assert_eq!(
+                UpdateShape::read(&update(1, 0, &[&[info, 1, 1, b't', 0]])),
+                Err(ShapeError::UnsupportedContent(info)),
+                "{info:#x}"
+            );
+        }
+        // A weak link (type 7).
+        assert_eq!(
+            UpdateShape::read(&update(1, 0, &[&[7, 1, 1, b't', 7]])),
+            Err(ShapeError::UnsupportedType(7))
+        );
+        assert_eq!(
+            UpdateShape::read(&update(1, 0, &[&[4, 2, 1, b't', 1, b'x']])),
+            Err(ShapeError::ParentInfo(2))
+        );
+        let mut trailing = update(1, 0, &[ROOT_AB]);
+        trailing.push(0);
+        assert_eq!(
+            UpdateShape::read(&trailing),
+            Err(ShapeError::Decode(DecodeError::TrailingBytes(1)))
+        );
+        // Clocks past u32::MAX: a run starting at 2^32 - 1 with a two-unit string.
+        let mut high = vec![1, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        high.extend_from_slice(ROOT_AB);
+        high.push(0);
+        assert_eq!(UpdateShape::read(&high), Err(ShapeError::ClockOverflow(1)));
+        // Deletions: empty, overlapping, client twice.
+        for ds in [
+            &[1u8, 3, 1, 0, 0][..],
+            &[1, 3, 2, 0, 2, 1, 1],
+            &[2, 3, 1, 0, 1, 3, 1, 4, 1],
+        ] {
+            let mut bytes = vec![0];
+            bytes.extend_from_slice(ds);
+            assert_eq!(UpdateShape::read(&bytes), Err(ShapeError::DeleteSet(3)));
+        }
+    }
+
+    #[test]
+    fn any_nesting_is_bounded_without_recursion() {
+        let nested = |depth: usize| {
+            let mut item = vec![8, 1, 1, b't', 1];
+            for _ in 0..depth {
+                item.extend_from_slice(&[117, 1]);
+            }
+            item.push(126);
+            update(1, 0, &[&item])
+        };
+        assert!(UpdateShape::read(&nested(MAX_ANY_DEPTH)).is_ok());
+        assert_eq!(
+            UpdateShape::read(&nested(MAX_ANY_DEPTH + 1)),
+            Err(ShapeError::TooDeep)
+        );
+        assert_eq!(
+            UpdateShape::read(&nested(1_000_000)),
+            Err(ShapeError::TooDeep)
+        );
+        // Every tag, inside a map.
+        let mut item = vec![8, 1, 1, b't', 1, 118, 9];
+        for value in [
+            &[127][..],
+            &[126],
+            &[125, 0xc1, 0x01],
+            &[124, 0, 0, 0, 0],
+            &[123, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[122, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[121],
+            &[119, 1, b's'],
+            &[116, 2, 0, 0],
+        ] {
+            item.extend_from_slice(&[1, b'k']);
+            item.extend_from_slice(value);
+        }
+        assert!(UpdateShape::read(&update(1, 0, &[&item])).is_ok());
+        assert_eq!(
+            UpdateShape::read(&update(1, 0, &[&[8, 1, 1, b't', 1, 115]])),
+            Err(ShapeError::AnyTag(115))
+        );
+    }
+
+    #[test]
+    fn dependencies_must_be_held_or_earlier_in_the_update() {
+        // Client 2 at clock 0: "x" after 1:4.
+        let after = |clock: u8| update(2, 0, &[&[0x84, 1, clock, 1, b'x']]);
+        let shape = UpdateShape::read(&after(4)).unwrap();
+        assert_eq!(
+            shape.check_dependencies(|c| if c == 1 { 5 } else { 0 }),
+            Ok(())
+        );
+        assert_eq!(
+            shape.check_dependencies(|c| if c == 1 { 4 } else { 0 }),
+            Err(DependencyError::Missing {
+                client: 1,
+                clock: 4
+            })
+        );
+        // Starting past what the document holds.
+        let shape = UpdateShape::read(&update(2, 3, &[ROOT_AB])).unwrap();
+        assert_eq!(
+            shape.check_dependencies(|_| 2),
+            Err(DependencyError::StartsPast {
+                client: 2,
+                start: 3,
+                held: 2
+            })
+        );
+        assert_eq!(shape.check_dependencies(|_| 3), Ok(()));
+        // A skip.
+        let shape = UpdateShape::read(&update(2, 0, &[&[SKIP, 2], ROOT_AB])).unwrap();
+        assert_eq!(
+            shape.check_dependencies(|_| 0),
+            Err(DependencyError::Skip(2))
+        );
+        // A deletion of content nobody has.
+        let shape = UpdateShape::read(&[0, 1, 4, 1, 0, 2]).unwrap();
+        assert_eq!(
+            shape.check_dependencies(|c| if c == 4 { 1 } else { 0 }),
+            Err(DependencyError::Missing {
+                client: 4,
+                clock: 1
+            })
+        );
+        assert_eq!(
+            shape.check_dependencies(|c| if c == 4 { 2 } else { 0 }),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn dependencies_across_runs_resolve_in_any_order_but_not_in_a_cycle() {
+        // Run of client 1: "a" under root; run of client 2 (listed first): "b" after 1:0.
+        let ok = [
+            2, 1, 2, 0, 0x84, 1, 0, 1, b'b', 1, 1, 0, 4, 1, 1, b't', 1, b'a', 0,
+        ];
+        assert_eq!(
+            UpdateShape::read(&ok).unwrap().check_dependencies(|_| 0),
+            Ok(())
+        );
+        // 1:0 after 2:0 and 2:0 after 1:0.
+        let cycle = [
+            2, 1, 2, 0, 0x84, 1, 0, 1, b'b', 1, 1, 0, 0x84, 2, 0, 1, b'a', 0,
+        ];
+        assert!(matches!(
+            UpdateShape::read(&cycle).unwrap().check_dependencies(|_| 0),
+            Err(DependencyError::Cycle { .. })
+        ));
+        // A block after itself.
+        let own = update(1, 0, &[&[0x84, 1, 0, 1, b'a']]);
+        assert!(matches!(
+            UpdateShape::read(&own).unwrap().check_dependencies(|_| 0),
+            Err(DependencyError::Cycle { .. })
+        ));
+        // A long chain (each block of client 1 after the previous one) needs no recursion.
+        let mut chain = vec![1, 0x80, 0x80, 0x04, 1, 0, 4, 1, 1, b't', 1, b'a'];
+        for i in 0..(65_536u32 - 1) {
+            chain.push(0x84);
+            chain.push(1);
+            let mut v = i;
+            loop {
+                let b = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    chain.push(b);
+                    break;
+                }
+                chain.push(b | 0x80);
+            }
+            chain.extend_from_slice(&[1, b'a']);
+        }
+        chain.push(0);
+        let shape = UpdateShape::read(&chain).unwrap();
+        assert_eq!(shape.clients()[0].end, 65_536);
+        assert_eq!(shape.check_dependencies(|_| 0), Ok(()));
+    }
+}
