@@ -507,11 +507,10 @@ async fn an_update_waiting_for_its_predecessor_is_never_acknowledged() {
 }
 
 #[tokio::test]
-async fn an_update_stored_only_in_part_is_not_acknowledged() {
+async fn an_update_depending_on_what_the_room_lacks_is_refused_whole() {
     let server = TestServer::start().await;
     let room = "acks/partial";
-    // Client 6 typed "b" after client 5's "a", which the room has never seen. (An update that
-    // skips its own client's clocks is refused outright: `YDoc::apply_from_client`.)
+    // Client 6 typed "b" after client 5's "a", which the room has never seen.
     let five = Doc::with_client_id(5);
     append_text(&five, "t", "a");
     let six = Doc::with_client_id(6);
@@ -527,23 +526,41 @@ async fn an_update_stored_only_in_part_is_not_acknowledged() {
     let before = six.transact().state_vector();
     append_text(&six, "t", "b");
     let only_b = six.transact().encode_diff_v1(&before);
-    // One message: "x" applies, "b" waits for "a".
+    // One message: "x" could apply alone, "b" cannot without "a". (Before the room checked
+    // dependencies it applied "x", kept "b" waiting and acknowledged nothing.)
     let both = yrs::merge_updates_v1([&only_b[..], &foreign_update(7, "x")[..]]).unwrap();
 
     let mut ws = raw(&server.url(room)).await;
     send_binary(&mut ws, Message::AckRequest.to_frame()).await;
     send_binary(&mut ws, update_frame(&both)).await;
+    // Refused whole, with 1007, and never acknowledged.
+    let read = async {
+        let mut acks = Vec::new();
+        while let Some(msg) = ws.next().await {
+            match msg.expect("socket error") {
+                WsMessage::Binary(frame) => {
+                    for m in MessageReader::new(&frame) {
+                        acks.extend(stored_count(&m.expect("valid message")));
+                    }
+                }
+                WsMessage::Close(frame) => return (frame.map(|f| u16::from(f.code)), acks),
+                _ => {}
+            }
+        }
+        (None, acks)
+    };
+    let (code, acks) = tokio::time::timeout(WAIT, read).await.expect("closed in time");
+    assert_eq!(code, Some(CloseCode::InvalidData.code()));
+    assert!(acks.iter().all(|&n| n == 0), "acknowledged: {acks:?}");
+    // Nothing of it was stored: a later write from someone else is, alone.
+    let mut other = raw(&server.url(room)).await;
+    send_binary(&mut other, update_frame(&foreign_update(8, "y"))).await;
     let store = server.open_store().await;
     let deadline = Instant::now() + WAIT;
-    while text(&stored_doc(&store, room).await, "t") != "x" {
-        assert!(
-            Instant::now() < deadline,
-            "the part that applies was never stored"
-        );
+    while text(&stored_doc(&store, room).await, "t") != "y" {
+        assert!(Instant::now() < deadline, "the later write was never stored");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let seen = received_within(&mut ws, QUIET).await;
-    assert!(seen.acks.iter().all(|&n| n == 0), "acknowledged: {seen:?}");
 }
 
 #[tokio::test]

@@ -121,7 +121,7 @@ fn hello_room() -> YDoc {
 /// first block stayed in the room: never relayed, never logged, yet sent to every newcomer. Now
 /// the engine reports what the transaction integrated (`DocError::PartlyApplied`), and the room
 /// relays and stores that part like any change while it still refuses the sender.
-const PARTIAL_UPDATE: &str = "02010031030001020102012400030100030200010003";
+const PARTIAL_UPDATE: &str = "020100310300010201020124000301000302000100";
 
 #[test]
 fn an_update_refused_after_partial_integration_reports_the_part() {
@@ -200,24 +200,42 @@ async fn what_a_refused_update_left_in_the_room_reaches_everybody() {
 /// `encode_diff`): it is not part of the document until it integrates.
 const POISONING_UPDATE: &str = "01010075620000000000";
 
+/// The update relied on yrs reading legacy JSON content differently from Yjs (one string more
+/// than the count says): tandem now refuses that content kind while decoding.
 #[test]
-fn the_poisoning_update_is_accepted_as_pending() {
-    let mut room = YDoc::new();
-    let update = DecodedUpdate::decode(Bytes::from(hex(POISONING_UPDATE))).unwrap();
-    assert!(matches!(room.apply(update), Ok(Applied::Pending)));
+fn the_poisoning_update_is_refused_while_decoding() {
+    let refused = DecodedUpdate::decode(Bytes::from(hex(POISONING_UPDATE)));
+    assert!(
+        matches!(&refused, Err(DocError::InvalidUpdate(r)) if r.contains("unsupported block kind")),
+        "{refused:?}"
+    );
 }
 
+/// Waiting data (here: an edit whose predecessor never came, applied without the dependency
+/// check) is left out of what the room encodes.
 #[test]
 fn pending_data_does_not_break_the_rooms_encoding() {
+    let source = yrs::Doc::with_client_id(5);
+    append_text(&source, "t", "a");
+    let before = {
+        use yrs::{ReadTxn, Transact};
+        source.transact().state_vector()
+    };
+    append_text(&source, "t", "b");
+    let only_b = {
+        use yrs::{ReadTxn, Transact};
+        source.transact().encode_diff_v1(&before)
+    };
     let mut room = YDoc::new();
-    let update = DecodedUpdate::decode(Bytes::from(hex(POISONING_UPDATE))).unwrap();
-    room.apply(update).unwrap();
+    let update = DecodedUpdate::decode(Bytes::from(only_b)).unwrap();
+    assert!(matches!(room.apply(update), Ok(Applied::Pending)));
     let step2 = room.diff(&[0]);
     assert!(
         !matches!(step2, Err(DocError::Panicked)),
         "answering a step 1 panicked inside yrs"
     );
     DecodedUpdate::decode(Bytes::from(step2.unwrap())).expect("the step 2 decodes");
+    room.encode_state().expect("the state encodes");
 }
 
 #[tokio::test]
@@ -261,26 +279,26 @@ fn a_delete_range_overflowing_u32_is_contained() {
     }
 }
 
-/// Finding 4: what the room relays for an update (the `effective` bytes: the update as it came,
-/// or yrs' encoding of what the transaction integrated when pending data is involved) can differ
-/// from what the room integrated, so peers and the room disagree. On an empty room, this update
-/// (a GC range for client 0 at clocks 3..120, whose predecessors are missing, and a deletion for
-/// client 2, unknown) changes the room, which relays only `00 01 00 01 03 75`.
-/// `tests/hostile_properties.rs` finds the same divergence end to end with `HOSTILE_CASES=1000`
-/// (a newcomer receives text that the connected clients never did).
+/// Finding 4 (fixed): on an empty room, this update (a GC range for client 0 at clocks 3..120,
+/// whose predecessors are missing, and a deletion for client 2, unknown) made yrs put the range
+/// into its block store past the clocks it holds, a hole: the room's delete set then named clocks
+/// its state vector did not, and what it relayed (`00 01 00 01 03 75`) left peers different.
+/// (The fuzzers' input also had an empty second run for client 0; that alone is now refused
+/// while decoding.) The room now applies only updates that it can integrate at once, from
+/// clients and from other nodes alike (`YDoc::apply_checked`): this one is refused and leaves
+/// the room as it was.
 #[test]
-#[ignore = "finding 4 (open): what the room relays must carry everything it integrated"]
-fn what_the_room_relays_carries_what_it_integrated() {
+fn an_update_past_the_rooms_clocks_is_refused_and_changes_nothing() {
     let mut room = YDoc::new();
-    let mut peer = YDoc::new();
-    let update = DecodedUpdate::decode(Bytes::from(hex("0201000300750000000102010003"))).unwrap();
-    let Ok(Applied::Changed { effective, .. }) = room.apply(update) else {
-        panic!("the room took nothing of the update");
-    };
-    peer.apply(DecodedUpdate::decode(effective).unwrap())
-        .unwrap();
-    let (sv, digest) = room.sync_summary();
-    assert_eq!(peer.compare(&sv, &digest).unwrap(), SAME);
+    let before = room.sync_summary();
+    let update = DecodedUpdate::decode(Bytes::from(hex("0101000300750102010003"))).unwrap();
+    let refused = room.apply_checked(update);
+    assert!(
+        matches!(refused, Err(DocError::Dependencies(_))),
+        "{refused:?}"
+    );
+    assert_eq!(room.compare(&before.0, &before.1).unwrap(), SAME);
+    assert!(DecodedUpdate::decode(Bytes::from(hex("0201000300750000000102010003"))).is_err());
 }
 
 /// Finding 5 (fixed): in release builds, where yrs' arithmetic wrapped, the room accepted this
@@ -350,36 +368,15 @@ fn fuzz_base() -> YDoc {
 /// document is set aside (leaked) instead of freed; the panic itself is yrs' (open upstream).
 const USE_AFTER_FREE_UPDATE: &str = "010101c4fff7ffff01e1010201077f00";
 
+/// Its first clock (client 1, about 2^35) does not fit in yrs' 32-bit clocks: now refused while
+/// decoding, before yrs sees it. The containment that stays in place for any other
+/// panic inside yrs is tested in `src/doc/ydoc.rs` (`a_panic_inside_a_write_sets_the_document_aside`).
 #[test]
-#[ignore = "finding 7 (open upstream in yrs): applying an update must not panic inside yrs"]
-fn applying_an_update_never_panics_inside_yrs() {
-    let update = DecodedUpdate::decode(Bytes::from(hex(USE_AFTER_FREE_UPDATE))).unwrap();
-    let mut room = fuzz_base();
+fn the_update_that_panicked_yrs_is_refused_while_decoding() {
+    let refused = DecodedUpdate::decode(Bytes::from(hex(USE_AFTER_FREE_UPDATE)));
     assert!(
-        !matches!(room.apply(update), Err(DocError::Panicked)),
-        "yrs panicked inside a transaction"
-    );
-}
-
-/// The containment half of finding 7 (fixed): after a panic inside a write transaction the
-/// document is set aside, and the `YDoc` stays usable (empty) without deadlocking on the write
-/// lock the leaked transaction holds, so its owner can drop it and reload.
-#[test]
-fn a_panic_inside_yrs_sets_the_document_aside() {
-    let update = DecodedUpdate::decode(Bytes::from(hex(USE_AFTER_FREE_UPDATE))).unwrap();
-    let mut room = fuzz_base();
-    assert!(!room.is_poisoned());
-    if !matches!(room.apply(update), Err(DocError::Panicked)) {
-        return; // yrs no longer panics here: `applying_an_update_never_panics_inside_yrs` passes
-    }
-    assert!(room.is_poisoned());
-    // What is left is an empty document that still works.
-    assert_eq!(room.state_vector(), vec![0]);
-    let fresh = hello_room().encode_state().unwrap().0;
-    let applied = room.apply(DecodedUpdate::decode(Bytes::from(fresh)).unwrap());
-    assert!(
-        matches!(applied, Ok(Applied::Changed { .. })),
-        "{applied:?}"
+        matches!(&refused, Err(DocError::InvalidUpdate(r)) if r.contains("overflow")),
+        "{refused:?}"
     );
 }
 
@@ -387,7 +384,7 @@ fn a_panic_inside_yrs_sets_the_document_aside() {
 /// block), so the room now refuses it before yrs sees it: its sender is closed with 1007, the room
 /// does not restart (nobody else is disconnected), nothing panics, and newcomers get the document.
 /// (If such an update reached yrs, the panic would be contained: see
-/// `a_panic_inside_yrs_sets_the_document_aside`.)
+/// `a_panic_inside_a_write_sets_the_document_aside` in src/doc/ydoc.rs.)
 #[tokio::test]
 async fn an_update_that_would_panic_yrs_costs_only_its_sender_the_connection() {
     let server = TestServer::start().await;
@@ -449,7 +446,7 @@ fn applying_an_update_does_not_abort_the_process() {
 /// Findings 9 and 10 (use-after-free inside yrs' `apply_update`, found under AddressSanitizer):
 /// the hostile updates skip clocks (they start past what the room holds of a client, or leave
 /// gaps that yrs fills with "skips"). Updates from clients that do that are now refused before yrs
-/// sees them (`YDoc::apply_from_client`); only AddressSanitizer could show the memory error
+/// sees them (`YDoc::apply_checked`); only AddressSanitizer could show the memory error
 /// itself (`cargo fuzz run -O connection|update <file>`, docs/fuzzing.md).
 #[test]
 fn client_updates_that_skip_clocks_are_refused_before_yrs_integrates_them() {
@@ -465,8 +462,8 @@ fn client_updates_that_skip_clocks_are_refused_before_yrs_integrates_them() {
             continue; // refused while decoding: never reaches yrs' integration either
         };
         let before = room.sync_summary();
-        match room.apply_from_client(update) {
-            Err(DocError::Gap(_)) => {}
+        match room.apply_checked(update) {
+            Err(DocError::Dependencies(_)) => {}
             other => panic!("finding {name}: the update reached yrs: {other:?}"),
         }
         assert_eq!(room.compare(&before.0, &before.1).unwrap(), SAME);
@@ -492,7 +489,7 @@ fn in_order_client_updates_pass_the_clock_check() {
     let before = client.transact().state_vector();
     append_text(&client, "t", " world");
     let edit = client.transact().encode_diff_v1(&before);
-    let applied = room.apply_from_client(DecodedUpdate::decode(Bytes::from(edit)).unwrap());
+    let applied = room.apply_checked(DecodedUpdate::decode(Bytes::from(edit)).unwrap());
     assert!(
         matches!(applied, Ok(Applied::Changed { .. })),
         "{applied:?}"
@@ -500,7 +497,7 @@ fn in_order_client_updates_pass_the_clock_check() {
     let step2 = client
         .transact()
         .encode_diff_v1(&yrs::StateVector::default());
-    let applied = room.apply_from_client(DecodedUpdate::decode(Bytes::from(step2)).unwrap());
+    let applied = room.apply_checked(DecodedUpdate::decode(Bytes::from(step2)).unwrap());
     assert!(matches!(applied, Ok(Applied::Unchanged)), "{applied:?}");
     // A new client's first edit.
     let newcomer = yrs::Doc::with_client_id(9);
@@ -515,9 +512,91 @@ fn in_order_client_updates_pass_the_clock_check() {
     let sv = newcomer.transact().state_vector();
     append_text(&newcomer, "t", "!");
     let edit = newcomer.transact().encode_diff_v1(&sv);
-    let applied = room.apply_from_client(DecodedUpdate::decode(Bytes::from(edit)).unwrap());
+    let applied = room.apply_checked(DecodedUpdate::decode(Bytes::from(edit)).unwrap());
     assert!(
         matches!(applied, Ok(Applied::Changed { .. })),
         "{applied:?}"
     );
+}
+
+/// Finding 11 (fixed): a 270-byte update that passed the clock check made yrs use freed memory
+/// in `resolve_conflict` (AddressSanitizer; `cargo fuzz run -O update <file>`). It lists client
+/// 1's blocks in two runs, the second going back to clock 0, so yrs held blocks with overlapping
+/// clocks. Encoders write each client once, and never write overlong varints (this input has
+/// some): tandem refuses either while decoding, before yrs sees the bytes (the unit tests of
+/// `tandem_protocol::update` check the second run alone).
+const FINDING_11: &str = "AgcBAAEBAQABIQEBAQEAASEBAQEBAQEBAQEB/AABAQEhCwIBAAEBAQEBAQABAQIHAQABAQEAASEBAQEBAAEhAQEBAQEBAAEhAQEBAQEBAQEBAfwAAQEBIQsCAQABAQEBAQEAAQECBwEAAQEBAAEhAQEBAQABIQEBAQEBAQEBAQH8AAEBASELAgEAAQEBAQEBAAEBAQABQAEBAQFbAQIBAWD46bJYLYR6AQABQAEBAQFbAQIBAQEBAQEBAfwAAQEBIQsCAQABAQEBAQEAAQEBAAFAAQEBAVsBAgEBYPjpslgthHoBAAFAAQEBAVsBAgEBYPjpslgthHo=";
+
+#[test]
+fn an_update_listing_a_client_twice_is_refused_while_decoding() {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(FINDING_11)
+        .unwrap();
+    let refused = DecodedUpdate::decode(Bytes::from(bytes));
+    assert!(
+        matches!(&refused, Err(DocError::InvalidUpdate(_))),
+        "{refused:?}"
+    );
+}
+
+/// An update carrying one `Any` value nested `depth` arrays deep (client 1, clock 0, under root
+/// `t`): two bytes per level.
+fn nested_any_update(depth: usize) -> Vec<u8> {
+    let mut update = vec![1, 1, 1, 0, 8, 1, 1, b't', 1];
+    for _ in 0..depth {
+        update.extend_from_slice(&[117, 1]);
+    }
+    update.extend_from_slice(&[126, 0]);
+    update
+}
+
+/// Finding 12 (fixed): yrs decodes (and drops, and encodes) `Any` values recursively, with no
+/// bound on depth. An update of 20 KB nesting an array 10,000 deep overflowed the stack of the
+/// thread decoding it, which aborts the whole process: any client with write access could stop
+/// the server. Found by reading yrs' decoder after the fuzzers (whose inputs are at most 4 KB,
+/// about 2,000 levels) found nothing there. tandem's own reader now refuses nesting deeper than
+/// 128 before yrs sees the bytes.
+#[test]
+fn deeply_nested_values_are_refused_before_yrs_decodes_them() {
+    let refused = DecodedUpdate::decode(Bytes::from(nested_any_update(10_000)));
+    assert!(
+        matches!(&refused, Err(DocError::InvalidUpdate(r)) if r.contains("nested deeper")),
+        "{refused:?}"
+    );
+    // What real documents nest is accepted.
+    let mut room = YDoc::new();
+    let update = DecodedUpdate::decode(Bytes::from(nested_any_update(64))).unwrap();
+    assert!(matches!(
+        room.apply_checked(update),
+        Ok(Applied::Changed { .. })
+    ));
+}
+
+/// Finding 12 end to end: the sender of the nesting bomb (500,000 levels, 1 MB) is closed with
+/// 1007, and the server goes on serving the room.
+#[tokio::test]
+async fn a_nesting_bomb_costs_only_its_sender_the_connection() {
+    let server = TestServer::start().await;
+    let url = server.url("nesting");
+    let a = Client::connect(&url).await.unwrap();
+    a.wait_synced(WAIT).await.unwrap();
+    append_text(a.doc(), "t", "kept");
+
+    let mut bad = raw(&url).await;
+    let bomb = nested_any_update(500_000);
+    send_binary(
+        &mut bad,
+        Message::Sync(SyncMessage::Update(&bomb)).to_frame(),
+    )
+    .await;
+    let (code, reason) = expect_close(&mut bad).await;
+    assert_eq!(code, CloseCode::InvalidData.code(), "{reason}");
+
+    let newcomer = Client::connect(&url).await.unwrap();
+    newcomer
+        .wait_until(WAIT, |d| text(d, "t") == "kept")
+        .await
+        .expect("the newcomer gets the document");
+    assert!(a.close_info().is_none(), "{:?}", a.close_info());
 }

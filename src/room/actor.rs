@@ -386,7 +386,7 @@ impl Actor {
         let wants_acks = peer.wants_acks();
         let raw = update.raw().clone();
         let started = Instant::now();
-        let (effective, complete) = match self.doc.apply_from_client(update) {
+        let (effective, complete) = match self.doc.apply_checked(update) {
             Ok(Applied::Unchanged) if wants_acks && self.ctx.broker.is_some() => {
                 // Already in the document, but maybe only from another node that has not stored
                 // it yet: store it again (updates are idempotent) and acknowledge that write.
@@ -639,7 +639,7 @@ impl Actor {
         let Ok(update) = DecodedUpdate::decode(payload) else {
             return Ok(());
         };
-        match self.doc.apply(update) {
+        match self.doc.apply_checked(update) {
             Ok(Applied::Changed { effective, .. }) => {
                 self.approx_bytes += effective.len();
                 let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
@@ -648,6 +648,13 @@ impl Actor {
             }
             Ok(Applied::Unchanged | Applied::Pending) => Ok(()),
             Err(DocError::Panicked) => Err(Poisoned),
+            // It arrived before something it depends on (pub/sub orders each node's messages,
+            // not different nodes'): the state exchange brings both.
+            Err(DocError::Dependencies(e)) => {
+                debug!(error = %e, "an update from another node arrived early; resyncing");
+                self.resync.store(true, Ordering::Release);
+                Ok(())
+            }
             Err(DocError::PartlyApplied { reason, effective }) => {
                 warn!(error = %reason, "an update from another node applied only in part");
                 self.approx_bytes += effective.len();
