@@ -600,3 +600,31 @@ async fn a_nesting_bomb_costs_only_its_sender_the_connection() {
         .expect("the newcomer gets the document");
     assert!(a.close_info().is_none(), "{:?}", a.close_info());
 }
+
+/// Finding 13 (open): an item whose left and right origins do not belong together (here client
+/// 3's four characters, left origin 1:2 in the text and right origin 1:11) integrates in the room,
+/// and the connected peers that get the update as it came agree with the room; but the room's
+/// own encoding of its state (a newcomer's step 2, a snapshot) does not carry it the same way: a
+/// newcomer holds those characters as deleted. A writer can so make newcomers see something other
+/// than the room and its live peers. Found by the `connection` campaign. No memory error.
+#[test]
+#[ignore = "finding 13 (open): a newcomer must get what the room holds"]
+fn a_newcomer_gets_what_the_room_holds_after_odd_origins() {
+    let mut room = fuzz_base();
+    // Client 3: four characters between 1:2 and 1:11; then client 7: "hi" at the start of `t`.
+    for update in [
+        "01010300c40102010b040001120100",
+        "0101070004010174026869 00",
+    ] {
+        let update = DecodedUpdate::decode(Bytes::from(hex(&update.replace(' ', "")))).unwrap();
+        assert!(matches!(
+            room.apply_checked(update),
+            Ok(Applied::Changed { .. })
+        ));
+    }
+    let (sv, digest) = room.sync_summary();
+    let mut newcomer = YDoc::new();
+    let step2 = DecodedUpdate::decode(Bytes::from(room.diff(&[0]).unwrap())).unwrap();
+    newcomer.apply_checked(step2).unwrap();
+    assert_eq!(newcomer.compare(&sv, &digest).unwrap(), SAME);
+}
