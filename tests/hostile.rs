@@ -221,3 +221,38 @@ async fn a_client_that_never_reads_is_closed_while_others_keep_receiving() {
         .unwrap();
     drop(sleeper);
 }
+
+/// An update the room refuses takes its sender out of the room at once: the messages after it in
+/// the same frame (already on their way to the room) are not applied either.
+#[tokio::test]
+async fn messages_after_a_refused_update_in_the_same_frame_are_not_applied() {
+    use yrs::{ReadTxn, Transact};
+    // Client 66 typed "b" after client 65's "a", which the room has never seen: refused.
+    let a65 = yrs::Doc::with_client_id(65);
+    append_text(&a65, "t", "a");
+    let b66 = yrs::Doc::with_client_id(66);
+    {
+        use yrs::updates::decoder::Decode;
+        b66.transact_mut()
+            .apply_update(yrs::Update::decode_v1(&full_state(&a65)).unwrap())
+            .unwrap();
+    }
+    let before = b66.transact().state_vector();
+    append_text(&b66, "t", "b");
+    let only_b = b66.transact().encode_diff_v1(&before);
+    // Client 77's "x" on its own would apply.
+    let x77 = yrs::Doc::with_client_id(77);
+    append_text(&x77, "t", "x");
+    let mut frame = Message::Sync(SyncMessage::Update(&only_b)).to_frame();
+    frame.extend(Message::Sync(SyncMessage::Update(&full_state(&x77))).to_frame());
+
+    let server = TestServer::start().await;
+    let (a, b) = healthy_pair(&server, "same-frame").await;
+    let mut bad = raw(&server.url("same-frame")).await;
+    send_binary(&mut bad, frame).await;
+    let (code, reason) = expect_close(&mut bad).await;
+    assert_eq!(code, CloseCode::InvalidData.code(), "reason: {reason}");
+    // Neither "b" nor "x" is in the room: everyone, newcomers too, holds exactly the healthy
+    // clients' text.
+    room_still_serves(&server, "same-frame", &a, &b).await;
+}

@@ -345,6 +345,7 @@ impl Actor {
             }
             Err(e) => {
                 refuse(out, conn, &e);
+                self.leave(conn);
                 Ok(())
             }
         }
@@ -427,6 +428,9 @@ impl Actor {
                         &format_args!("applied only in part: {reason}"),
                     );
                 }
+                // Out of the room at once: what it sent after this (later messages of the
+                // same frame, already on their way) is not handled.
+                self.leave(conn);
                 self.approx_bytes += effective.len();
                 (effective, false)
             }
@@ -434,6 +438,7 @@ impl Actor {
                 if let Some(p) = self.peers.get(&conn) {
                     refuse(&p.outbox, conn, &e);
                 }
+                self.leave(conn);
                 return if matches!(e, DocError::Panicked) {
                     Err(Poisoned)
                 } else {
