@@ -228,7 +228,7 @@ fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WebSocketUpgrade) ->
             } = state;
             let readonly_awareness = auth.settings().readonly_awareness;
             connections.track_future(session::serve(
-                socket,
+                Box::new(socket),
                 hub,
                 session,
                 session::Admission {

@@ -30,7 +30,9 @@ pub struct SessionSettings {
     pub outbox_bytes: usize,
     /// How often the server pings; a connection silent for a whole interval is closed.
     pub ping_interval: Duration,
-    /// Socket read buffer (tungstenite's default of 128 KiB is a trap at 100k connections).
+    /// Socket read buffer: the most one read takes, kept by every connection while it is idle
+    /// (tungstenite's default of 128 KiB is a trap at 100k connections). Client messages are
+    /// mostly small; a larger one takes several reads.
     pub read_buffer_bytes: usize,
     /// Bytes buffered before a write reaches the socket; frames are coalesced up to this.
     pub write_buffer_bytes: usize,
@@ -57,7 +59,7 @@ impl Default for SessionSettings {
             max_message_bytes: 16 << 20,
             outbox_bytes: 32 << 20,
             ping_interval: Duration::from_secs(30),
-            read_buffer_bytes: 4 << 10,
+            read_buffer_bytes: 1 << 10,
             write_buffer_bytes: 16 << 10,
             max_coalesce_frames: 256,
             close_timeout: Duration::from_secs(1),
@@ -99,8 +101,12 @@ pub struct Refusal {
 }
 
 /// Serves one upgraded socket until it closes.
+///
+/// The socket comes boxed: every async function it passes through keeps a slot for its
+/// arguments for as long as it runs, so a socket moved by value would take its size (about
+/// 370 bytes) once per level in every idle connection's task.
 pub async fn serve(
-    socket: WebSocket,
+    socket: Box<WebSocket>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     admission: Admission,
@@ -121,7 +127,8 @@ pub async fn serve(
                 };
                 run(socket, hub, settings, admission.room, conn, perms).await;
             }
-            Err(refusal) => refuse(socket, &settings, refusal).await,
+            // Boxed: the rare path must not size every connection's task.
+            Err(refusal) => Box::pin(refuse(socket, &settings, refusal)).await,
         }
         drop(admission.slot);
     }
@@ -130,7 +137,8 @@ pub async fn serve(
 }
 
 /// Tells a refused client why and closes.
-async fn refuse(mut socket: WebSocket, settings: &SessionSettings, refusal: Refusal) {
+async fn refuse(socket: Box<WebSocket>, settings: &SessionSettings, refusal: Refusal) {
+    let mut socket = *socket;
     info!(code = refusal.code.code(), reason = %refusal.reason, "connection refused");
     METRICS.closes.inc(refusal.code);
     METRICS.refused.inc(refusal.metric);
@@ -166,7 +174,7 @@ struct Permissions {
 }
 
 async fn run(
-    socket: WebSocket,
+    socket: Box<WebSocket>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     room: RoomId,
@@ -175,12 +183,13 @@ async fn run(
 ) {
     METRICS.connections_opened.inc();
     METRICS.connections_open.inc();
-    let (sink, mut stream) = socket.split();
+    let (sink, mut stream) = (*socket).split();
     let (out, out_rx) = outbox(settings.outbox_bytes);
     let seen = Arc::new(AtomicBool::new(true));
     let writer = tokio::spawn(write_loop(sink, out_rx, settings.clone(), seen.clone()));
 
-    match hub.join(&room, conn, out.clone()).await {
+    // Boxed: joining takes more state than waiting for messages, for a moment only.
+    match Box::pin(hub.join(&room, conn, out.clone())).await {
         Ok(membership) => {
             debug!("joined");
             let reader = Reader {
@@ -332,7 +341,11 @@ impl Reader<'_> {
                             format!("more than {} bytes per second", s.rate_bytes),
                         )
                     } else {
-                        match handle_frame(frame, self.room, self.conn, self.perms).await {
+                        // Boxed: its state (about 800 bytes) would otherwise sit in every
+                        // idle connection's task, which waits for the next message here.
+                        let handled =
+                            Box::pin(handle_frame(frame, self.room, self.conn, self.perms)).await;
+                        match handled {
                             Ok(()) => {
                                 if !admitted {
                                     admitted = true;

@@ -56,7 +56,8 @@ pub struct AddressLimiter {
 /// One connection's place in an [`AddressLimiter`], given back when dropped.
 #[derive(Debug)]
 pub struct AddressSlot {
-    open: Arc<DashMap<IpAddr, usize>>,
+    /// The limiter's counts, or `None` when there is no limit (nothing to give back).
+    open: Option<Arc<DashMap<IpAddr, usize>>>,
     ip: IpAddr,
 }
 
@@ -72,10 +73,7 @@ impl AddressLimiter {
     /// A slot for one more connection from `ip`, or `None` when it has `max` open already.
     pub fn acquire(&self, ip: IpAddr) -> Option<AddressSlot> {
         if self.max == 0 {
-            return Some(AddressSlot {
-                open: Arc::new(DashMap::new()),
-                ip,
-            });
+            return Some(AddressSlot { open: None, ip });
         }
         let mut n = self.open.entry(ip).or_insert(0);
         if *n >= self.max {
@@ -84,7 +82,7 @@ impl AddressLimiter {
         *n += 1;
         drop(n);
         Some(AddressSlot {
-            open: self.open.clone(),
+            open: Some(self.open.clone()),
             ip,
         })
     }
@@ -97,10 +95,12 @@ impl AddressLimiter {
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        self.open.remove_if_mut(&self.ip, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
+        if let Some(open) = &self.open {
+            open.remove_if_mut(&self.ip, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
     }
 }
 

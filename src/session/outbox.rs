@@ -6,12 +6,15 @@
 //! dropped silently — the client resyncs when it reconnects.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::Poll;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tandem_protocol::CloseCode;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Why and how a connection is being closed by the server.
@@ -34,7 +37,18 @@ pub enum PushError {
     Closed,
 }
 
+/// What both ends share. The queue is a plain deque behind a mutex that is held only to push or
+/// pop: one connection's outbox costs a few hundred bytes while it is idle (a channel's first
+/// block alone took a kilobyte), which matters at hundreds of thousands of idle connections.
 struct Shared {
+    /// Frames pushed and not yet taken by the writer.
+    frames: Mutex<VecDeque<Bytes>>,
+    /// The writer waiting for a frame, a close request or the end.
+    waker: AtomicWaker,
+    /// Live [`Outbox`] handles; none left means the end.
+    senders: AtomicUsize,
+    /// The receiver is gone: pushes fail.
+    receiver_gone: AtomicBool,
     /// Bytes pushed but not yet handed to the socket.
     queued: AtomicUsize,
     budget: usize,
@@ -44,11 +58,33 @@ struct Shared {
     closed: CancellationToken,
 }
 
+impl Shared {
+    fn frames(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
+        // Nothing panics while holding the lock; recover the deque if something ever did.
+        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The sending side, held by the room (and cloned for the connection itself).
-#[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Bytes>,
     shared: Arc<Shared>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.waker.wake();
+        }
+    }
 }
 
 impl std::fmt::Debug for Outbox {
@@ -61,16 +97,26 @@ impl std::fmt::Debug for Outbox {
 
 /// The receiving side, owned by the connection's writer.
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Bytes>,
     shared: Arc<Shared>,
 }
 
-/// Creates an outbox with a budget of `budget` queued bytes. The channel itself is unbounded
-/// in count but bounded in bytes by [`Outbox::push`]; a single frame larger than the budget is
-/// still accepted into an empty outbox so that a large document can always be delivered.
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        self.shared.receiver_gone.store(true, Ordering::Release);
+        // Frames nobody will write: free them now, not when the last sender goes.
+        self.shared.frames().clear();
+    }
+}
+
+/// Creates an outbox with a budget of `budget` queued bytes. The queue is unbounded in count
+/// but bounded in bytes by [`Outbox::push`]; a single frame larger than the budget is still
+/// accepted into an empty outbox so that a large document can always be delivered.
 pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        frames: Mutex::new(VecDeque::new()),
+        waker: AtomicWaker::new(),
+        senders: AtomicUsize::new(1),
+        receiver_gone: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         budget,
         close: OnceLock::new(),
@@ -78,10 +124,9 @@ pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
     });
     (
         Outbox {
-            tx,
             shared: shared.clone(),
         },
-        OutboxReceiver { rx, shared },
+        OutboxReceiver { shared },
     )
 }
 
@@ -101,10 +146,13 @@ impl Outbox {
             );
             return Err(PushError::Overflow);
         }
-        self.tx.send(frame).map_err(|_| {
+        if self.shared.receiver_gone.load(Ordering::Acquire) {
             self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-            PushError::Closed
-        })
+            return Err(PushError::Closed);
+        }
+        self.shared.frames().push_back(frame);
+        self.shared.waker.wake();
+        Ok(())
     }
 
     /// Asks the connection to close with `code`. The first request wins.
@@ -119,6 +167,7 @@ impl Outbox {
             .is_ok()
         {
             self.shared.closed.cancel();
+            self.shared.waker.wake();
         }
     }
 
@@ -167,19 +216,29 @@ pub enum Next {
 impl OutboxReceiver {
     /// Waits for the next frame or close request; a close request wins over queued frames.
     pub async fn next(&mut self) -> Next {
-        loop {
-            if let Some(req) = self.shared.close.get() {
-                return Next::Close(req.clone());
+        poll_fn(|cx| {
+            if let Some(next) = self.ready() {
+                return Poll::Ready(next);
             }
-            tokio::select! {
-                biased;
-                () = self.shared.closed.cancelled() => continue,
-                frame = self.rx.recv() => return match frame {
-                    Some(f) => Next::Frame(f),
-                    None => Next::Ended,
-                },
+            self.shared.waker.register(cx.waker());
+            // Whatever happened between the first look and the registration is seen now.
+            match self.ready() {
+                Some(next) => Poll::Ready(next),
+                None => Poll::Pending,
             }
+        })
+        .await
+    }
+
+    /// What [`OutboxReceiver::next`] returns if it need not wait.
+    fn ready(&self) -> Option<Next> {
+        if let Some(req) = self.shared.close.get() {
+            return Some(Next::Close(req.clone()));
         }
+        if let Some(frame) = self.shared.frames().pop_front() {
+            return Some(Next::Frame(frame));
+        }
+        (self.shared.senders.load(Ordering::Acquire) == 0).then_some(Next::Ended)
     }
 
     /// A frame that is already queued, without waiting (for coalescing writes).
@@ -187,7 +246,7 @@ impl OutboxReceiver {
         if self.shared.close.get().is_some() {
             return None;
         }
-        self.rx.try_recv().ok()
+        self.shared.frames().pop_front()
     }
 
     /// Records that `len` bytes left the outbox for the socket.
@@ -263,6 +322,39 @@ mod tests {
         tx.close(CloseCode::InvalidData, "bad");
         tx.close(CloseCode::Restarting, "later");
         assert_eq!(rx.close_requested().await.code, CloseCode::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_push_after_the_receiver_is_gone_fails_and_frees_its_budget() {
+        let (tx, rx) = outbox(10);
+        tx.push(Bytes::from_static(b"queued")).unwrap();
+        drop(rx);
+        assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
+        assert_eq!(tx.queued_bytes(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_for_a_frame_a_close_and_the_end() {
+        let (tx, mut rx) = outbox(1024);
+        let pushed = tx.clone();
+        let push = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            pushed.push(Bytes::from_static(b"late")).unwrap();
+        });
+        assert!(matches!(rx.next().await, Next::Frame(f) if f == "late"));
+        push.await.unwrap();
+        let closer = tx.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            closer.close(CloseCode::Normal, "bye");
+        });
+        assert!(matches!(rx.next().await, Next::Close(r) if r.reason == "bye"));
+        let (tx, mut rx) = outbox(1024);
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            drop(tx);
+        });
+        assert!(matches!(rx.next().await, Next::Ended));
     }
 
     #[tokio::test]
