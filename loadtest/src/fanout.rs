@@ -58,6 +58,10 @@ pub struct FanoutArgs {
     /// The directory of the Node peers (package.json, the start scripts).
     #[arg(long, default_value = "loadtest/peers")]
     peers: std::path::PathBuf,
+    /// Write a results folder: report.json and SVG charts (latency percentiles, deliveries per
+    /// second).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -108,15 +112,7 @@ pub async fn fanout(args: FanoutArgs) -> Res<()> {
         "runs": runs,
         "ratios_vs_tandem": peers::cpu_ratios(&runs),
     });
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    peers::emit(&report, args.out.as_deref(), args.json, print_table)
 }
 
 /// Adds `p99_met` (p99 within the target) and `exactly_once` (no loss, no duplicate, no socket

@@ -420,15 +420,7 @@ pub async fn idle(args: IdleArgs) -> Res<()> {
         "open_files_limit": nofile,
         "runs": runs,
     });
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    peers::emit(&report, None, args.json, print_table)
 }
 
 async fn run_target(args: &IdleArgs, target: Target) -> Res<Value> {

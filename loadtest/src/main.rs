@@ -11,16 +11,27 @@
 //! latency (p50 to max), losses, CPU and memory per delivery. `idle` holds N synced, silent
 //! connections over R rooms (in several worker processes of this binary when N is large) and
 //! reports the server's memory and CPU per idle connection, the kernel's socket memory and the
-//! projection to a million connections.
+//! projection to a million connections. `soak` churns a steady population over R rooms for
+//! minutes, samples the server's RSS, threads and open files every second and reports whether
+//! they return to their baseline once everyone left. `rooms`, `fanout` and `soak` take
+//! `--out DIR` for a results folder (report.json and SVG charts, [`charts`]).
+//! `join-storm` has N clients join one room holding a large document at once (time to the whole
+//! document, failures, server CPU, peak memory, bytes per join); `awareness` has R rooms × C
+//! clients send cursor awareness updates at a rate (latency, deliveries per second, losses, CPU
+//! per delivery); both against the same targets.
 //! Everything it starts it stops; every wait has a deadline.
 
+mod awareness;
+mod charts;
 mod fanout;
 mod idle;
 mod infra;
+mod join_storm;
 mod peers;
 mod procstat;
 mod progress;
 mod rooms;
+mod soak;
 mod wire;
 
 use std::path::PathBuf;
@@ -59,6 +70,16 @@ enum Command {
     /// Internal: one `idle` worker process holding a slice of the connections.
     #[command(hide = true)]
     IdleWorker(idle::WorkerArgs),
+    /// N clients join one room holding a large document at once: time to the whole document
+    /// (p50, p99, max, all synced), failures, server CPU, peak memory and bytes per join.
+    JoinStorm(join_storm::JoinStormArgs),
+    /// R rooms × C clients each sending awareness updates (cursors) at a rate: delivery
+    /// latency, deliveries per second, lost deliveries, server CPU per delivery and memory.
+    Awareness(awareness::AwarenessArgs),
+    /// A long run with connect/disconnect churn over R rooms: server RSS, threads, open files
+    /// (and tandem's gauges) each second, and whether they return to baseline after everyone
+    /// left; losses among the clients that stayed.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +138,9 @@ fn main() {
             Command::Fanout(args) => fanout::fanout(args).await,
             Command::Idle(args) => idle::idle(args).await,
             Command::IdleWorker(args) => idle::worker(args).await,
+            Command::JoinStorm(args) => join_storm::join_storm(args).await,
+            Command::Awareness(args) => awareness::awareness(args).await,
+            Command::Soak(args) => soak::soak(args).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -267,12 +291,7 @@ async fn hop(args: HopArgs) -> Res<()> {
     };
     cluster.stop().await;
     let report = outcome?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap());
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    peers::emit(&report, None, args.json, print_table)
 }
 
 async fn run_hop(args: &HopArgs, cluster: &mut Cluster) -> Res<Value> {

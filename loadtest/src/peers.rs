@@ -283,6 +283,28 @@ pub fn cpu_rows() -> Vec<(&'static str, Cell<'static>)> {
     ]
 }
 
+/// Puts out a scenario's report: with `out`, `report.json` and its charts into that folder
+/// (see [`crate::charts::write`]); then the report on stdout, as JSON or as `table` prints it.
+pub fn emit(
+    report: &Value,
+    out: Option<&std::path::Path>,
+    json: bool,
+    table: impl FnOnce(&Value),
+) -> Res<()> {
+    if let Some(dir) = out {
+        for path in crate::charts::write(dir, report)? {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        table(report);
+    }
+    Ok(())
+}
+
 /// A target's report, or a report that says why the run failed (the other targets still run).
 pub fn report_or_error(target: Target, result: Res<Value>) -> Value {
     result.unwrap_or_else(|e| json!({ "target": target.name(), "error": e }))

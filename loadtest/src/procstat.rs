@@ -1,7 +1,8 @@
-//! A server's cost from `/proc`: CPU time (user, system) from `/proc/PID/stat` and memory
-//! (VmRSS, VmHWM) from `/proc/PID/status`; the machine's busy time (`/proc/stat`, to see what
-//! else ran during a window); the kernel's socket and slab memory (`/proc/net/sockstat`,
-//! `/proc/meminfo`); and raising this process's open-files limit.
+//! A server's cost from `/proc`: CPU time (user, system) from `/proc/PID/stat`, memory (VmRSS,
+//! VmHWM) and threads from `/proc/PID/status`, open file descriptors (`/proc/PID/fd`); the
+//! machine's busy time (`/proc/stat`, to see what else ran during a window); the kernel's socket
+//! and slab memory (`/proc/net/sockstat`, `/proc/meminfo`); and raising this process's open-files
+//! limit.
 
 use serde_json::{json, Value};
 
@@ -65,6 +66,24 @@ pub fn sample(pid: u32) -> Res<Sample> {
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
     })
+}
+
+/// The threads of a process (`/proc/PID/status` `Threads:`).
+pub fn threads(pid: u32) -> Res<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|r| r.trim().parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/status: no Threads"))
+}
+
+/// The open file descriptors of a process (entries of `/proc/PID/fd`; needs the same user).
+pub fn open_fds(pid: u32) -> Res<u64> {
+    let dir =
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| format!("/proc/{pid}/fd: {e}"))?;
+    Ok(dir.filter(|e| e.is_ok()).count() as u64)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (children inherit it); returns the new soft

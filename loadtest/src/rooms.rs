@@ -8,8 +8,9 @@
 //! connections only count update messages. The server's user and system CPU time
 //! (`/proc/PID/stat`) and memory (`/proc/PID/status`) are sampled when the warmup ends and when
 //! the measured window ends; deliveries are counted at the same instants, and so are the load
-//! generator's own CPU and the machine's busy time (what else ran). The run itself ([`Plan`],
-//! [`run_target`]) is shared with `fanout`.
+//! generator's own CPU and the machine's busy time (what else ran). Deliveries are also counted
+//! per second of the run, and the latency histogram's percentile curve is kept, for the charts of
+//! `--out` ([`crate::charts`]). The run itself ([`Plan`], [`run_target`]) is shared with `fanout`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use yrs::Doc;
 
 use crate::peers::{self, Cell, Server, Target};
 use crate::wire::{self, now_us, Dialect, ProbeDoc, Tasks, Ws};
-use crate::{procstat, progress};
+use crate::{charts, procstat, progress};
 
 type Res<T> = Result<T, String>;
 
@@ -67,6 +68,10 @@ pub struct RoomsArgs {
     /// The directory of the Node peers (package.json, the start scripts).
     #[arg(long, default_value = "loadtest/peers")]
     peers: std::path::PathBuf,
+    /// Write a results folder: report.json and SVG charts (latency percentiles, deliveries per
+    /// second).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -173,12 +178,7 @@ pub async fn rooms(args: RoomsArgs) -> Res<()> {
         "runs": runs,
         "ratios_vs_tandem": peers::cpu_ratios(&runs),
     });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap());
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    peers::emit(&report, args.out.as_deref(), args.json, print_table)
 }
 
 /// Counts of one room, shared with its connection tasks.
@@ -434,6 +434,24 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         )));
     }
 
+    // Deliveries in each second from the writers' start until the drain ends (for charts).
+    let per_second = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (shared, per_second) = (Arc::clone(&shared), Arc::clone(&per_second));
+        tasks.0.push(tokio::spawn(async move {
+            let mut last = shared.delivered();
+            let mut tick = tokio::time::interval_at(
+                (start + Duration::from_secs(1)).into(),
+                Duration::from_secs(1),
+            );
+            loop {
+                tick.tick().await;
+                let now = shared.delivered();
+                per_second.lock().unwrap().push(now - last);
+                last = now;
+            }
+        }));
+    }
     let status = || format!("{} sent, {} delivered", shared.sent(), shared.delivered());
     progress::wait_until(window_start, "warmup", status).await;
     let (me, m0) = (procstat::sample(std::process::id())?, procstat::machine()?);
@@ -504,6 +522,8 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         "deliveries_per_s": deliveries as f64 / window,
         "cpu": procstat::cpu_json(&cpu0, &cpu1, window, deliveries),
         "latency": lat,
+        "latency_curve": charts::percentile_curve(&shared.latency.lock().unwrap()),
+        "deliveries_per_second": *per_second.lock().unwrap(),
         "latency_per_probe": per_probe,
         "machine": procstat::context_json(&m0, &m1, (&cpu0, &cpu1), (&me, &me1), window),
         "expected_deliveries": expected,

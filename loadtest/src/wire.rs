@@ -89,6 +89,14 @@ impl Dialect {
         out
     }
 
+    /// An awareness message (`01 varBuf(awareness update)`).
+    pub fn awareness(self, room: &str, payload: &[u8]) -> Vec<u8> {
+        let mut out = self.prefix(room);
+        out.push(1);
+        write_var_buf(&mut out, payload);
+        out
+    }
+
     /// Hocuspocus's auth message with a token (`varString(doc) 02 00 varString(token)`); `None`
     /// for y-websocket, which has no such message.
     pub fn auth(self, room: &str, token: &str) -> Option<Vec<u8>> {
@@ -109,6 +117,8 @@ pub struct Received<'a> {
     pub step2: Vec<&'a [u8]>,
     /// Sync update payloads (type 0, or Hocuspocus's sync reply type 4, sub-type 2).
     pub updates: Vec<&'a [u8]>,
+    /// Awareness update payloads (type 1).
+    pub awareness: Vec<&'a [u8]>,
     /// Hocuspocus auth answers: the auth sub-type (2 = authenticated, 1 = permission denied).
     pub auth: Option<u64>,
 }
@@ -139,11 +149,10 @@ pub fn parse(dialect: Dialect, frame: &[u8]) -> Received<'_> {
                     _ => {}
                 }
             }
-            1 => {
-                if read_var_buf(frame, &mut pos).is_none() {
-                    break;
-                }
-            }
+            1 => match read_var_buf(frame, &mut pos) {
+                Some(payload) => r.awareness.push(payload),
+                None => break,
+            },
             2 if dialect == Dialect::Hocuspocus => {
                 r.auth = read_var_uint(frame, &mut pos);
                 break;
@@ -220,9 +229,9 @@ fn bind_no_port(socket: &TcpSocket) -> Res<()> {
     Ok(())
 }
 
-/// Connects to `ws://{addr}/{room}` and syncs: Hocuspocus auth first (and its answer), then
-/// step 1 with an empty state vector, then waits for the step 2 answer.
-pub async fn handshake(addr: &str, room: &str, dialect: Dialect, opts: ConnectOptions) -> Res<Ws> {
+/// Connects to `ws://{addr}/{room}` and, for Hocuspocus, authenticates (and waits for the
+/// answer); no sync message is sent yet (see [`handshake`]).
+pub async fn open(addr: &str, room: &str, dialect: Dialect, opts: ConnectOptions) -> Res<Ws> {
     let sock: SocketAddr = addr
         .parse()
         .map_err(|e| format!("server address {addr:?}: {e}"))?;
@@ -254,6 +263,13 @@ pub async fn handshake(addr: &str, room: &str, dialect: Dialect, opts: ConnectOp
             }
         }
     }
+    Ok(ws)
+}
+
+/// Connects with [`open`] and syncs: step 1 with an empty state vector, then waits for the
+/// step 2 answer.
+pub async fn handshake(addr: &str, room: &str, dialect: Dialect, opts: ConnectOptions) -> Res<Ws> {
+    let mut ws = open(addr, room, dialect, opts).await?;
     ws.send(Message::Binary(dialect.step1(room, &[0]).into()))
         .await
         .map_err(|e| format!("send step1: {e}"))?;
@@ -424,6 +440,11 @@ mod tests {
         let reply = [2, b'a', b'b', 4, 2, 1, 9];
         assert_eq!(parse(h, &reply).updates, vec![&[9u8][..]]);
         assert_eq!(parse(h, &[2, b'a', b'b', 2, 2]).auth, Some(2));
+        assert_eq!(h.awareness("ab", &[0]), [2, b'a', b'b', 1, 1, 0]);
+        assert_eq!(
+            parse(h, &h.awareness("ab", &[0])).awareness,
+            vec![&[0u8][..]]
+        );
     }
 
     #[test]
@@ -435,6 +456,7 @@ mod tests {
         let frame = [1, 1, 0, 0, 2, 1, 5];
         let r = parse(y, &frame);
         assert_eq!(r.updates, vec![&[5u8][..]]);
+        assert_eq!(r.awareness, vec![&[0u8][..]]);
         assert!(r.step2.is_empty());
     }
 }
