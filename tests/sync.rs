@@ -177,3 +177,42 @@ async fn next_binary(ws: &mut common::Raw) -> Vec<u8> {
         }
     }
 }
+
+/// The room encodes the whole document once for newcomers that hold nothing, and encodes it
+/// again after any change, deletions included (which leave the state vector as it was).
+#[tokio::test]
+async fn newcomers_get_the_document_as_it_is_after_every_kind_of_change() {
+    let server = TestServer::start().await;
+    let url = server.url("full-state");
+    let a = Client::connect(&url).await.unwrap();
+    a.wait_synced(WAIT).await.unwrap();
+    append_text(a.doc(), "t", "hello");
+    let first = Client::connect(&url).await.unwrap();
+    first
+        .wait_until(WAIT, |d| text(d, "t") == "hello")
+        .await
+        .unwrap();
+    // A deletion only.
+    {
+        use yrs::{Text, Transact};
+        let t = a.doc().get_or_insert_text("t");
+        let mut txn = a.doc().transact_mut();
+        t.remove_range(&mut txn, 0, 1);
+    }
+    first
+        .wait_until(WAIT, |d| text(d, "t") == "ello")
+        .await
+        .unwrap();
+    let second = Client::connect(&url).await.unwrap();
+    second.wait_synced(WAIT).await.unwrap();
+    assert_eq!(text(second.doc(), "t"), "ello");
+    // An insertion.
+    append_text(a.doc(), "t", "!");
+    first
+        .wait_until(WAIT, |d| text(d, "t") == "ello!")
+        .await
+        .unwrap();
+    let third = Client::connect(&url).await.unwrap();
+    third.wait_synced(WAIT).await.unwrap();
+    assert_eq!(text(third.doc(), "t"), "ello!");
+}

@@ -66,6 +66,7 @@ pub(crate) fn spawn(
                 resync: inbox.resync,
                 last_exchange: Instant::now(),
                 dirty: false,
+                full_state: None,
                 known_nodes: HashSet::new(),
                 notices,
                 doc: YDoc::new(),
@@ -120,6 +121,10 @@ struct Actor {
     last_exchange: Instant,
     /// Whether the document changed since the last exchange.
     dirty: bool,
+    /// The sync step 2 frame for a client that holds nothing (the whole document), encoded at
+    /// most once per version of the document: in a join storm every newcomer gets the same
+    /// shared bytes instead of its own encoding. Cleared by every change.
+    full_state: Option<Bytes>,
     /// Nodes that have shown they hold this room; a new one gets our local presence.
     known_nodes: HashSet<NodeId>,
     /// Commit and compaction notices. Unbounded, but bounded in practice by the writer's queue
@@ -195,6 +200,7 @@ impl Actor {
         let tail: Vec<Bytes> = stored.updates.iter().map(|(_, b)| b.clone()).collect();
         let bytes = tail.iter().map(Bytes::len).sum();
         self.doc = YDoc::load(stored.snapshot.as_ref().map(|s| &s.state[..]), &tail)?;
+        self.full_state = None;
         self.log = LogState::loaded(tail.len(), bytes, stored.last_id());
         self.approx_bytes = bytes + stored.snapshot.as_ref().map_or(0, |s| s.state.len());
         debug!(rows = tail.len(), "room loaded");
@@ -333,10 +339,19 @@ impl Actor {
         let Some(Peer { outbox: out, .. }) = self.peers.get(&conn) else {
             return Ok(());
         };
+        // The encoding of an empty state vector: a client that holds nothing.
+        let holds_nothing = state_vector == [0];
+        if let (true, Some(frame)) = (holds_nothing, &self.full_state) {
+            let _ = out.push(frame.clone());
+            return Ok(());
+        }
         match self.doc.diff(state_vector) {
             Ok(diff) => {
-                let frame = Message::Sync(SyncMessage::Step2(&diff)).to_frame();
-                let _ = out.push(Bytes::from(frame));
+                let frame = Bytes::from(Message::Sync(SyncMessage::Step2(&diff)).to_frame());
+                if holds_nothing {
+                    self.full_state = Some(frame.clone());
+                }
+                let _ = out.push(frame);
                 Ok(())
             }
             Err(DocError::Panicked) => {
@@ -451,6 +466,7 @@ impl Actor {
         self.broadcast(&frame, Some(conn));
         self.publish(Kind::Update, None, &effective);
         self.dirty = true;
+        self.full_state = None;
         METRICS.updates_applied.inc();
         METRICS.fanout_seconds.observe(started.elapsed());
         let seq = if complete { self.next_seq } else { NEVER };
@@ -646,6 +662,7 @@ impl Actor {
         };
         match self.doc.apply_checked(update) {
             Ok(Applied::Changed { effective, .. }) => {
+                self.full_state = None;
                 self.approx_bytes += effective.len();
                 let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
                 self.broadcast(&frame, None);
@@ -662,6 +679,7 @@ impl Actor {
             }
             Err(DocError::PartlyApplied { reason, effective }) => {
                 warn!(error = %reason, "an update from another node applied only in part");
+                self.full_state = None;
                 self.approx_bytes += effective.len();
                 let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
                 self.broadcast(&frame, None);
