@@ -66,12 +66,9 @@ pub struct AwarenessArgs {
     /// Connections opening at once.
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
-    /// The tandem binary to spawn.
-    #[arg(long, default_value = "target/release/tandem")]
-    tandem: std::path::PathBuf,
-    /// The directory of the Node peers (package.json, the start scripts).
-    #[arg(long, default_value = "loadtest/peers")]
-    peers: std::path::PathBuf,
+    /// The servers to start.
+    #[command(flatten)]
+    servers: peers::ServerPaths,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -273,7 +270,7 @@ async fn client(
 
 /// Starts `target`, runs the scenario against it and stops it; the run's report.
 async fn run_target(args: &AwarenessArgs, target: Target) -> Res<Value> {
-    let server = Server::start(target, &args.tandem, &args.peers, &[]).await?;
+    let server = Server::start(target, &args.servers.tandem, &args.servers.peers, &[]).await?;
     let mut out = measure(args, target, &server).await;
     if let Ok(report) = &mut out {
         report["server_warnings"] = json!(server.warnings());

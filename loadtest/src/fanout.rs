@@ -52,12 +52,9 @@ pub struct FanoutArgs {
     /// The latency target: p99 at most this many ms.
     #[arg(long, default_value_t = 10.0)]
     target_p99_ms: f64,
-    /// The tandem binary to spawn.
-    #[arg(long, default_value = "target/release/tandem")]
-    tandem: std::path::PathBuf,
-    /// The directory of the Node peers (package.json, the start scripts).
-    #[arg(long, default_value = "loadtest/peers")]
-    peers: std::path::PathBuf,
+    /// The servers to start.
+    #[command(flatten)]
+    servers: peers::ServerPaths,
     /// Write a results folder: report.json and SVG charts (latency percentiles, deliveries per
     /// second).
     #[arg(long)]
@@ -88,8 +85,8 @@ pub async fn fanout(args: FanoutArgs) -> Res<()> {
         duration: args.duration,
         drain_timeout: args.drain_timeout,
         connect_concurrency: args.connect_concurrency,
-        tandem: args.tandem.clone(),
-        peers: args.peers.clone(),
+        tandem: args.servers.tandem.clone(),
+        peers: args.servers.peers.clone(),
         // The default of 5,000 connections per room would cap --observers.
         tandem_args: vec!["--max-connections-per-room", "0"],
     };

@@ -73,12 +73,9 @@ pub struct IdleArgs {
     /// Deadline for all connections to be open and synced.
     #[arg(long, default_value = "120s", value_parser = crate::parse_secs)]
     connect_timeout: Duration,
-    /// The tandem binary to spawn.
-    #[arg(long, default_value = "target/release/tandem")]
-    tandem: std::path::PathBuf,
-    /// The directory of the Node peers (package.json, the start scripts).
-    #[arg(long, default_value = "loadtest/peers")]
-    peers: std::path::PathBuf,
+    /// The servers to start.
+    #[command(flatten)]
+    servers: peers::ServerPaths,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -427,8 +424,8 @@ async fn run_target(args: &IdleArgs, target: Target) -> Res<Value> {
     // The default of 5,000 connections per room would cap few-room runs.
     let server = Server::start(
         target,
-        &args.tandem,
-        &args.peers,
+        &args.servers.tandem,
+        &args.servers.peers,
         &["--max-connections-per-room", "0"],
     )
     .await?;

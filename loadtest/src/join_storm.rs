@@ -87,12 +87,9 @@ pub struct JoinStormArgs {
     /// Deadline for the whole storm (every client is done or failed by then).
     #[arg(long, default_value = "120s", value_parser = crate::parse_secs)]
     timeout: Duration,
-    /// The tandem binary to spawn.
-    #[arg(long, default_value = "target/release/tandem")]
-    tandem: std::path::PathBuf,
-    /// The directory of the Node peers (package.json, the start scripts).
-    #[arg(long, default_value = "loadtest/peers")]
-    peers: std::path::PathBuf,
+    /// The servers to start.
+    #[command(flatten)]
+    servers: peers::ServerPaths,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -372,8 +369,8 @@ async fn run_target(args: &JoinStormArgs, built: &Built, target: Target) -> Res<
     // The default of 5,000 connections per room would cap --clients.
     let server = Server::start(
         target,
-        &args.tandem,
-        &args.peers,
+        &args.servers.tandem,
+        &args.servers.peers,
         &["--max-connections-per-room", "0"],
     )
     .await?;

@@ -283,6 +283,17 @@ pub fn cpu_rows() -> Vec<(&'static str, Cell<'static>)> {
     ]
 }
 
+/// Where the servers under test come from; part of every scenario's arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerPaths {
+    /// The tandem binary to spawn.
+    #[arg(long, default_value = "target/release/tandem")]
+    pub tandem: std::path::PathBuf,
+    /// The directory of the Node peers (package.json, the start scripts).
+    #[arg(long, default_value = "loadtest/peers")]
+    pub peers: std::path::PathBuf,
+}
+
 /// Puts out a scenario's report: with `out`, `report.json` and its charts into that folder
 /// (see [`crate::charts::write`]); then the report on stdout, as JSON or as `table` prints it.
 pub fn emit(

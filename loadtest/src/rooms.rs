@@ -62,12 +62,9 @@ pub struct RoomsArgs {
     /// Connections opening at once.
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
-    /// The tandem binary to spawn.
-    #[arg(long, default_value = "target/release/tandem")]
-    tandem: std::path::PathBuf,
-    /// The directory of the Node peers (package.json, the start scripts).
-    #[arg(long, default_value = "loadtest/peers")]
-    peers: std::path::PathBuf,
+    /// The servers to start.
+    #[command(flatten)]
+    servers: peers::ServerPaths,
     /// Write a results folder: report.json and SVG charts (latency percentiles, deliveries per
     /// second).
     #[arg(long)]
@@ -136,8 +133,8 @@ impl RoomsArgs {
             duration: self.duration,
             drain_timeout: self.drain_timeout,
             connect_concurrency: self.connect_concurrency,
-            tandem: self.tandem.clone(),
-            peers: self.peers.clone(),
+            tandem: self.servers.tandem.clone(),
+            peers: self.servers.peers.clone(),
             tandem_args: Vec::new(),
         }
     }

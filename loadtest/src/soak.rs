@@ -102,12 +102,9 @@ pub struct SoakArgs {
     /// Connections opening at once while the initial population connects.
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
-    /// The tandem binary to spawn.
-    #[arg(long, default_value = "target/release/tandem")]
-    tandem: std::path::PathBuf,
-    /// The directory of the Node peers (package.json, the start scripts).
-    #[arg(long, default_value = "loadtest/peers")]
-    peers: std::path::PathBuf,
+    /// The servers to start.
+    #[command(flatten)]
+    servers: peers::ServerPaths,
     /// Write a results folder: report.json and SVG charts (latency, throughput, server figures
     /// over time).
     #[arg(long)]
@@ -185,7 +182,13 @@ pub async fn soak(args: SoakArgs) -> Res<()> {
 async fn run_target(args: &SoakArgs, target: Target, seed: u64) -> Res<Value> {
     let grace = format!("{}ms", args.room_idle_grace.as_millis());
     let tandem_args = ["--room-idle-grace", grace.as_str()];
-    let server = Server::start(target, &args.tandem, &args.peers, &tandem_args).await?;
+    let server = Server::start(
+        target,
+        &args.servers.tandem,
+        &args.servers.peers,
+        &tandem_args,
+    )
+    .await?;
     let mut out = measure(args, target, &server, seed).await;
     if let Ok(report) = &mut out {
         report["server_warnings"] = json!(server.warnings());
