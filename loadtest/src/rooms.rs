@@ -17,11 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use yrs::Doc;
 
 use crate::peers::{self, Cell, Server, Target};
 use crate::wire::{self, now_us, Dialect, ProbeDoc, Tasks, Ws};
@@ -288,7 +287,6 @@ async fn write(
     times: (Instant, Duration, Duration, Instant),
     shared: Arc<Shared>,
 ) {
-    let (start, offset, period, end) = times;
     let (mut sink, mut stream) = ws.split();
     // Both halves in this one task, so that aborting it closes the socket.
     let drain = async {
@@ -300,26 +298,10 @@ async fn write(
         shared.dropped.fetch_add(1, Ordering::Relaxed);
     };
     let send = async {
-        let doc = Doc::new();
-        let arr = doc.get_or_insert_array(format!("ts{w}").as_str());
-        let mut k: u32 = 0;
-        loop {
-            let due = start + offset + period * k;
-            if due >= end {
-                break;
-            }
-            tokio::time::sleep_until(due.into()).await;
-            let update = wire::stamp_update(&doc, &arr);
-            if sink
-                .send(Message::Binary(dialect.update(&room_name, &update).into()))
-                .await
-                .is_err()
-            {
-                break;
-            }
+        wire::send_stamped(&mut sink, dialect, &room_name, w, times, || {
             shared.rooms[room].sent.fetch_add(1, Ordering::Relaxed);
-            k += 1;
-        }
+        })
+        .await;
         // Keep the socket open (and drained) until the run ends: the caller aborts this task.
         std::future::pending::<()>().await;
     };

@@ -30,7 +30,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use yrs::Doc;
 
 use crate::peers::{self, Cell, Server, Target};
 use crate::wire::{self, now_us, ConnectOptions, Dialect, ProbeDoc, Tasks, Ws};
@@ -531,7 +530,6 @@ async fn writer(
     times: (Instant, Duration, Duration, Instant),
     sh: Arc<Shared>,
 ) {
-    let (start, offset, period, end) = times;
     let (mut sink, mut stream) = ws.split();
     let drain = async {
         while let Some(m) = stream.next().await {
@@ -544,23 +542,10 @@ async fn writer(
         }
     };
     let send = async {
-        let doc = Doc::new();
-        let arr = doc.get_or_insert_array(format!("ts{w}").as_str());
-        let mut k: u32 = 0;
-        loop {
-            let due = start + offset + period * k;
-            if due >= end {
-                break;
-            }
-            tokio::time::sleep_until(due.into()).await;
-            let update = wire::stamp_update(&doc, &arr);
-            let frame = dialect.update(&name, &update);
-            if sink.send(Message::Binary(frame.into())).await.is_err() {
-                break;
-            }
+        wire::send_stamped(&mut sink, dialect, &name, w, times, || {
             sh.sent[room].fetch_add(1, Ordering::Relaxed);
-            k += 1;
-        }
+        })
+        .await;
         std::future::pending::<()>().await;
     };
     tokio::join!(drain, send);

@@ -358,6 +358,37 @@ pub fn stamp_update(doc: &Doc, arr: &ArrayRef) -> Vec<u8> {
     txn.encode_update_v1()
 }
 
+/// Writer `w`'s paced sends: from `start + offset`, one update every `period` until `end`, each
+/// pushing its send time into array `ts{w}` ([`stamp_update`]); `sent` is called after each.
+/// Returns when the schedule ends or the socket fails.
+pub async fn send_stamped<S>(
+    sink: &mut S,
+    dialect: Dialect,
+    room: &str,
+    w: usize,
+    (start, offset, period, end): (std::time::Instant, Duration, Duration, std::time::Instant),
+    mut sent: impl FnMut(),
+) where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let doc = Doc::new();
+    let arr = doc.get_or_insert_array(format!("ts{w}").as_str());
+    let mut k: u32 = 0;
+    loop {
+        let due = start + offset + period * k;
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let frame = dialect.update(room, &stamp_update(&doc, &arr));
+        if sink.send(Message::Binary(frame.into())).await.is_err() {
+            break;
+        }
+        sent();
+        k += 1;
+    }
+}
+
 /// A probe's document: per writer array (`ts{w}`) and how many elements were read already.
 pub struct ProbeDoc {
     doc: Doc,
