@@ -601,30 +601,86 @@ async fn a_nesting_bomb_costs_only_its_sender_the_connection() {
     assert!(a.close_info().is_none(), "{:?}", a.close_info());
 }
 
-/// Finding 13 (open): an item whose left and right origins do not belong together (here client
-/// 3's four characters, left origin 1:2 in the text and right origin 1:11) integrates in the room,
-/// and the connected peers that get the update as it came agree with the room; but the room's
-/// own encoding of its state (a newcomer's step 2, a snapshot) does not carry it the same way: a
-/// newcomer holds those characters as deleted. A writer can so make newcomers see something other
-/// than the room and its live peers. Found by the `connection` campaign. No memory error.
+/// Finding 13: an item whose left and right origins do not belong together (here client 3's four
+/// characters, left origin 1:2 in the text `t`, right origin 1:11 the entry `k` of the map `m`)
+/// used to integrate into the text's sequence *and* as an entry `k` of the text (yrs takes the
+/// map key from either origin); the room's own encoding of that state (a newcomer's step 2, a
+/// snapshot) then made newcomers hold the characters as deleted. Such an item is now refused
+/// before yrs sees it; an ordinary edit after it applies, and a newcomer gets what the room holds.
 #[test]
-#[ignore = "finding 13 (open): a newcomer must get what the room holds"]
 fn a_newcomer_gets_what_the_room_holds_after_odd_origins() {
     let mut room = fuzz_base();
-    // Client 3: four characters between 1:2 and 1:11; then client 7: "hi" at the start of `t`.
-    for update in [
-        "01010300c40102010b040001120100",
-        "0101070004010174026869 00",
-    ] {
-        let update = DecodedUpdate::decode(Bytes::from(hex(&update.replace(' ', "")))).unwrap();
-        assert!(matches!(
-            room.apply_checked(update),
-            Ok(Applied::Changed { .. })
-        ));
-    }
+    let before = room.sync_summary();
+    let odd = DecodedUpdate::decode(Bytes::from(hex("01010300c40102010b040001120100"))).unwrap();
+    let refused = room.apply_checked(odd);
+    assert!(
+        matches!(refused, Err(DocError::Misplaced(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        room.sync_summary(),
+        before,
+        "a refused update changes nothing"
+    );
+    // Client 7: "hi" at the start of `t`, an ordinary edit.
+    let hi = DecodedUpdate::decode(Bytes::from(hex("010107000401017402686900"))).unwrap();
+    assert!(matches!(
+        room.apply_checked(hi),
+        Ok(Applied::Changed { .. })
+    ));
     let (sv, digest) = room.sync_summary();
     let mut newcomer = YDoc::new();
     let step2 = DecodedUpdate::decode(Bytes::from(room.diff(&[0]).unwrap())).unwrap();
     newcomer.apply_checked(step2).unwrap();
     assert_eq!(newcomer.compare(&sv, &digest).unwrap(), SAME);
+}
+
+/// The record of where items sit survives a reload: a room loaded from its snapshot refuses the
+/// same misplaced item, and still takes edits that insert between real neighbours, in the text
+/// and in the map.
+#[test]
+fn a_reloaded_room_still_refuses_misplaced_items() {
+    let mut live = fuzz_base();
+    let (snapshot, _) = live.encode_state().unwrap();
+    let mut room = YDoc::load(Some(&snapshot), &[]).unwrap();
+    let odd = DecodedUpdate::decode(Bytes::from(hex("01010300c40102010b040001120100"))).unwrap();
+    assert!(matches!(
+        room.apply_checked(odd),
+        Err(DocError::Misplaced(_))
+    ));
+    use yrs::{Map, ReadTxn, Text, Transact, WriteTxn};
+    let writer = yrs::Doc::with_client_id(9);
+    {
+        use yrs::updates::decoder::Decode;
+        let mut txn = writer.transact_mut();
+        txn.apply_update(yrs::Update::decode_v1(&snapshot).unwrap())
+            .unwrap();
+    }
+    let before = writer.transact().state_vector();
+    {
+        let mut txn = writer.transact_mut();
+        let t = txn.get_or_insert_text("t");
+        t.insert(&mut txn, 4, "[between]");
+        let m = txn.get_or_insert_map("m");
+        m.insert(&mut txn, "k", "w");
+        m.insert(&mut txn, "other", "x");
+    }
+    let edit = writer.transact().encode_state_as_update_v1(&before);
+    let applied = room.apply_checked(DecodedUpdate::decode(Bytes::from(edit)).unwrap());
+    assert!(
+        matches!(applied, Ok(Applied::Changed { .. })),
+        "{applied:?}"
+    );
+    assert_eq!(room.sync_summary(), {
+        live.apply_checked(
+            DecodedUpdate::decode(Bytes::from(
+                writer
+                    .transact()
+                    .encode_state_as_update_v1(&yrs::StateVector::default()),
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        live.sync_summary()
+    });
 }

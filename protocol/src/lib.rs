@@ -21,4 +21,6 @@ pub use awareness::{AwarenessEntry, AwarenessUpdate};
 pub use close::CloseCode;
 pub use lib0::{DecodeError, Decoder};
 pub use message::{Message, MessageReader, SyncMessage};
-pub use update::{DependencyError, ShapeError, UpdateShape};
+pub use update::{
+    Block, BlockAt, BlockKind, DependencyError, Id, ParentRef, ShapeError, UpdateShape,
+};

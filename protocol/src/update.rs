@@ -110,7 +110,7 @@ pub enum DependencyError {
 }
 
 /// An id: a client and a clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Id {
     /// The client.
     pub client: u64,
@@ -140,7 +140,24 @@ pub struct Block {
     pub kind: BlockKind,
     /// The ids it depends on: left origin, right origin, parent (items only).
     pub deps: [Option<Id>; 3],
+    /// The type it names as its parent: only items without origins name one.
+    pub parent: Option<ParentRef>,
+    /// The map key it names (with its parent).
+    pub parent_sub: Option<Box<str>>,
 }
+
+/// A parent type named by an item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ParentRef {
+    /// A root type, by name.
+    Root(Box<str>),
+    /// A nested type: the id of the item that holds it.
+    Nested(Id),
+}
+
+/// A block of an update: its client's run (an index into [`UpdateShape::clients`]) and its
+/// index among that run's blocks.
+pub type BlockAt = (usize, usize);
 
 /// A client's run of blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +252,15 @@ impl UpdateShape {
     /// What a client sends passes when the client is well-behaved: it only ever sees what its
     /// document holds, so whatever it refers to is there, or in the update with what it sends.
     pub fn check_dependencies(&self, held: impl Fn(u64) -> u32) -> Result<(), DependencyError> {
+        self.integration_order(held).map(|_| ())
+    }
+
+    /// Like [`check_dependencies`](Self::check_dependencies), and on success the order in which
+    /// the engine can integrate the blocks: each after every block of the update it depends on.
+    pub fn integration_order(
+        &self,
+        held: impl Fn(u64) -> u32,
+    ) -> Result<Vec<BlockAt>, DependencyError> {
         let index: HashMap<u64, usize> = self
             .clients
             .iter()
@@ -282,6 +308,7 @@ impl UpdateShape {
         // Integrate in dependency order, as the engine would: `done[i]` blocks of run `i` are in.
         // An explicit stack, not recursion: hostile chains can be as long as the update.
         let mut done = vec![0usize; self.clients.len()];
+        let mut order = Vec::with_capacity(self.blocks.len());
         let mut active = vec![false; self.clients.len()];
         let mut stack: Vec<(usize, usize)> = Vec::new();
         for root in 0..self.clients.len() {
@@ -315,11 +342,19 @@ impl UpdateShape {
                         active[k] = true;
                         stack.push((k, t));
                     }
-                    None => done[i] += 1,
+                    None => {
+                        order.push((i, done[i]));
+                        done[i] += 1;
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(order)
+    }
+
+    /// The block at `at` (see [`integration_order`](Self::integration_order)).
+    pub fn block(&self, at: BlockAt) -> &Block {
+        &self.blocks(&self.clients[at.0])[at.1]
     }
 }
 
@@ -350,6 +385,8 @@ fn read_block(dec: &mut Decoder<'_>, client: u64, at: u32) -> Result<Option<Bloc
             len,
             kind,
             deps: [None; 3],
+            parent: None,
+            parent_sub: None,
         }))
     };
     match info {
@@ -363,6 +400,8 @@ fn read_block(dec: &mut Decoder<'_>, client: u64, at: u32) -> Result<Option<Bloc
         return Err(ShapeError::UnsupportedContent(info));
     }
     let mut deps = [None; 3];
+    let mut parent = None;
+    let mut parent_sub = None;
     if info & HAS_ORIGIN != 0 {
         deps[0] = Some(read_id(dec)?);
     }
@@ -371,14 +410,16 @@ fn read_block(dec: &mut Decoder<'_>, client: u64, at: u32) -> Result<Option<Bloc
     }
     if info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0 {
         match dec.read_var_uint()? {
-            1 => {
-                dec.read_var_string()?;
+            1 => parent = Some(ParentRef::Root(dec.read_var_string()?.into())),
+            0 => {
+                let id = read_id(dec)?;
+                deps[2] = Some(id);
+                parent = Some(ParentRef::Nested(id));
             }
-            0 => deps[2] = Some(read_id(dec)?),
             other => return Err(ShapeError::ParentInfo(other)),
         }
         if info & HAS_PARENT_SUB != 0 {
-            dec.read_var_string()?;
+            parent_sub = Some(dec.read_var_string()?.into());
         }
     }
     let len = read_content(dec, kind, client)?;
@@ -390,6 +431,8 @@ fn read_block(dec: &mut Decoder<'_>, client: u64, at: u32) -> Result<Option<Bloc
         len,
         kind: BlockKind::Item,
         deps,
+        parent,
+        parent_sub,
     }))
 }
 

@@ -6,9 +6,11 @@
 //! down on hostile input.
 
 mod fold;
+mod places;
 #[cfg(test)]
 mod testutil;
 mod ydoc;
 
 pub use fold::YrsFold;
+pub use places::Misplaced;
 pub use ydoc::{check_state_vector, Applied, Comparison, DecodedUpdate, DocError, YDoc};

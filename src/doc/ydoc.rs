@@ -5,6 +5,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
 use tandem_protocol::{DependencyError, UpdateShape};
+
+use super::places::{Misplaced, Places};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, Options, ReadTxn, StateVector, Transact, TransactionMut, Update};
@@ -36,6 +38,9 @@ pub enum DocError {
     /// on each other in a cycle. See [`YDoc::apply_checked`].
     #[error("update depends on what the document does not hold: {0}")]
     Dependencies(#[from] DependencyError),
+    /// An item's origins lie in different types or map entries (see [`Places`]).
+    #[error("update places an item between unrelated neighbours: {0}")]
+    Misplaced(#[from] Misplaced),
     /// yrs panicked. The document may be inconsistent: it has been set aside (see
     /// [`YDoc::is_poisoned`]) and the caller must discard this [`YDoc`].
     #[error("the CRDT engine panicked on this input")]
@@ -109,6 +114,8 @@ pub enum Applied {
 pub struct YDoc {
     doc: ManuallyDrop<Doc>,
     poisoned: bool,
+    /// Where each item sits, for [`YDoc::apply_checked`].
+    places: Places,
 }
 
 impl Drop for YDoc {
@@ -132,6 +139,7 @@ impl YDoc {
         Self {
             doc: ManuallyDrop::new(Self::new_doc()),
             poisoned: false,
+            places: Places::default(),
         }
     }
 
@@ -157,6 +165,7 @@ impl YDoc {
             let broken = std::mem::replace(&mut *self.doc, Self::new_doc());
             std::mem::forget(broken);
             self.poisoned = true;
+            self.places = Places::default();
             crate::metrics::METRICS.documents_leaked.inc();
         }
         result
@@ -170,6 +179,14 @@ impl YDoc {
         let parts = snapshot.into_iter().chain(tail.iter().map(|b| &b[..]));
         let result = integrate(&doc.doc, parts);
         doc.guard(result)?;
+        // Read back from the document's own encoding: the stored parts may overlap and arrive
+        // in any order, the state is complete and ordered.
+        let state = contain(|| {
+            doc.doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default())
+        });
+        doc.places = Places::of_state(&doc.guard(state)?);
         Ok(doc)
     }
 
@@ -195,13 +212,22 @@ impl YDoc {
     /// holds or that comes with it (a reconnecting client's sync step 2 is computed from the
     /// room's state vector). An update from another node can fail only by arriving before one it
     /// depends on; the room then asks for a state exchange, whose answer carries both.
+    ///
+    /// It also refuses ([`DocError::Misplaced`]) an update with an item whose left and right
+    /// origins lie in different types or map entries, which no client that inserts between
+    /// neighbours sends (see [`Places`]).
     pub fn apply_checked(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
+        let places = &mut self.places;
         let result = write(&self.doc, |txn| {
-            let held = txn.state_vector();
-            update
-                .shape
-                .check_dependencies(|c| held.get(&yrs::ClientID::new(c)))?;
-            apply_in(txn, update)
+            let sv = txn.state_vector();
+            let held = |c| sv.get(&yrs::ClientID::new(c));
+            let order = update.shape.integration_order(held)?;
+            let placed = places.check(&update.shape, &order, held)?;
+            let applied = apply_in(txn, update)?;
+            if matches!(applied, Applied::Changed { complete: true, .. }) {
+                places.record(placed);
+            }
+            Ok(applied)
         })
         .and_then(|r| r);
         self.guard(result)

@@ -1,0 +1,345 @@
+//! [`Places`]: where each item of a document sits (its parent type and map key), so that an
+//! update whose item has its left origin in one place and its right origin in another is
+//! refused before yrs integrates it.
+//!
+//! A Yjs item's origins are its neighbours at the moment it was created, so both lie in the
+//! sequence (or map entry) the item joins. yrs 0.28 takes an item's parent from its left origin
+//! but its map key from whichever origin has one: an item placed between a character of a text
+//! and a map entry goes into the text's sequence *and* becomes a map entry of that text, and the
+//! room's own encoding of that state (a newcomer's sync step 2, a snapshot) no longer decodes to
+//! what the room holds (fuzz finding 13 in docs/fuzzing.md). No client that only inserts
+//! between neighbours sends such an item; yrs' public API does not tell where an item sits, so
+//! tandem keeps its own record, a few runs of clocks per client and place.
+
+use std::collections::HashMap;
+
+use tandem_protocol::{BlockAt, BlockKind, Id, ParentRef, UpdateShape};
+
+/// A parent type and, for map entries, the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Place {
+    parent: ParentRef,
+    sub: Option<Box<str>>,
+}
+
+/// An index into [`Places::table`]; [`UNKNOWN`] for garbage-collected ranges and items whose
+/// place cannot be told (both origins collected).
+type PlaceIdx = u32;
+const UNKNOWN: PlaceIdx = PlaceIdx::MAX;
+
+/// Consecutive clocks of one client in one place.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: u32,
+    end: u32,
+    place: PlaceIdx,
+}
+
+/// An item of an update that cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "block {client}:{clock} has its left origin in one type or map entry and its right origin in \
+     another"
+)]
+pub struct Misplaced {
+    /// The item's client.
+    pub client: u64,
+    /// The item's clock.
+    pub clock: u32,
+}
+
+/// The places of an update's new blocks, worked out by [`Places::check`] and kept by
+/// [`Places::record`] once the engine integrated the update.
+#[derive(Debug, Default)]
+pub(super) struct Placed {
+    runs: Vec<(u64, Run)>,
+    new_places: Vec<Place>,
+}
+
+/// Where each item of a document sits, as runs of clocks per client.
+#[derive(Debug, Default)]
+pub(super) struct Places {
+    runs: HashMap<u64, Vec<Run>>,
+    table: Vec<Place>,
+    index: HashMap<Place, PlaceIdx>,
+}
+
+impl Places {
+    /// The places of everything in `state`, a document's full state (every block it depends on
+    /// is in it). What cannot be read or ordered is left out: lookups of it say "unknown", and
+    /// unknown never refuses.
+    pub(super) fn of_state(state: &[u8]) -> Self {
+        let mut places = Self::default();
+        if let Ok(shape) = UpdateShape::read(state) {
+            if let Ok(order) = shape.integration_order(|_| 0) {
+                if let Ok(placed) = places.place(&shape, &order, |_| 0, false) {
+                    places.record(placed);
+                }
+            }
+        }
+        places
+    }
+
+    /// Works out the place of each block of `shape` that the document (holding `held(client)`
+    /// clocks of each client) does not hold yet, in `order` (see
+    /// [`UpdateShape::integration_order`]), refusing an item whose origins lie in different
+    /// places.
+    pub(super) fn check(
+        &self,
+        shape: &UpdateShape,
+        order: &[BlockAt],
+        held: impl Fn(u64) -> u32,
+    ) -> Result<Placed, Misplaced> {
+        self.place(shape, order, held, true)
+    }
+
+    fn place(
+        &self,
+        shape: &UpdateShape,
+        order: &[BlockAt],
+        held: impl Fn(u64) -> u32,
+        strict: bool,
+    ) -> Result<Placed, Misplaced> {
+        let mut placed = Placed::default();
+        // The place of each block of the update, by run and block; filled in `order`.
+        let mut of_block: Vec<Vec<PlaceIdx>> = shape
+            .clients()
+            .iter()
+            .map(|r| vec![UNKNOWN; shape.blocks(r).len()])
+            .collect();
+        // Runs by client, for updates with many clients (a full state).
+        let by_client: Option<HashMap<u64, usize>> = (shape.clients().len() > 16).then(|| {
+            shape
+                .clients()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.client, i))
+                .collect()
+        });
+        let lookup = |of_block: &Vec<Vec<PlaceIdx>>, id: Id| -> PlaceIdx {
+            if id.clock < held(id.client) {
+                return self.get(id);
+            }
+            let i = match &by_client {
+                Some(map) => map.get(&id.client).copied(),
+                None => shape.clients().iter().position(|r| r.client == id.client),
+            };
+            let Some(i) = i else {
+                return UNKNOWN;
+            };
+            let blocks = shape.blocks(&shape.clients()[i]);
+            match blocks
+                .partition_point(|b| b.clock <= id.clock)
+                .checked_sub(1)
+            {
+                Some(j) => of_block[i][j],
+                None => UNKNOWN,
+            }
+        };
+        for &(i, j) in order {
+            let block = shape.block((i, j));
+            if block.kind != BlockKind::Item {
+                continue;
+            }
+            let place = match &block.parent {
+                Some(parent) => self.intern(
+                    &mut placed,
+                    Place {
+                        parent: parent.clone(),
+                        sub: block.parent_sub.clone(),
+                    },
+                ),
+                None => {
+                    let left = block.deps[0].map_or(UNKNOWN, |id| lookup(&of_block, id));
+                    let right = block.deps[1].map_or(UNKNOWN, |id| lookup(&of_block, id));
+                    if strict && left != UNKNOWN && right != UNKNOWN && left != right {
+                        return Err(Misplaced {
+                            client: shape.clients()[i].client,
+                            clock: block.clock,
+                        });
+                    }
+                    if left != UNKNOWN {
+                        left
+                    } else {
+                        right
+                    }
+                }
+            };
+            of_block[i][j] = place;
+        }
+        for (i, run) in shape.clients().iter().enumerate() {
+            let have = held(run.client);
+            for (j, block) in shape.blocks(run).iter().enumerate() {
+                let end = block.clock + block.len;
+                if end > have {
+                    placed.runs.push((
+                        run.client,
+                        Run {
+                            start: block.clock.max(have),
+                            end,
+                            place: of_block[i][j],
+                        },
+                    ));
+                }
+            }
+        }
+        Ok(placed)
+    }
+
+    /// The index of `place`: in the table, or among the update's new places.
+    fn intern(&self, placed: &mut Placed, place: Place) -> PlaceIdx {
+        if let Some(&idx) = self.index.get(&place) {
+            return idx;
+        }
+        let k = match placed.new_places.iter().position(|p| *p == place) {
+            Some(k) => k,
+            None => {
+                placed.new_places.push(place);
+                placed.new_places.len() - 1
+            }
+        };
+        (self.table.len() + k) as PlaceIdx
+    }
+
+    /// Keeps the places of an update the engine integrated.
+    pub(super) fn record(&mut self, placed: Placed) {
+        for place in placed.new_places {
+            self.index
+                .insert(place.clone(), self.table.len() as PlaceIdx);
+            self.table.push(place);
+        }
+        for (client, run) in placed.runs {
+            let runs = self.runs.entry(client).or_default();
+            match runs.last_mut() {
+                Some(last) if last.end == run.start && last.place == run.place => {
+                    last.end = run.end
+                }
+                // Clocks only grow: an update adds past what the document holds.
+                Some(last) if last.end > run.start => {}
+                _ => runs.push(run),
+            }
+        }
+    }
+
+    /// The place of `id`, or [`UNKNOWN`].
+    fn get(&self, id: Id) -> PlaceIdx {
+        let Some(runs) = self.runs.get(&id.client) else {
+            return UNKNOWN;
+        };
+        match runs.partition_point(|r| r.start <= id.clock).checked_sub(1) {
+            Some(k) if id.clock < runs[k].end => runs[k].place,
+            _ => UNKNOWN,
+        }
+    }
+
+    /// How many runs are kept (for tests and memory accounting).
+    #[cfg(test)]
+    pub(super) fn runs(&self) -> usize {
+        self.runs.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::testutil::edit;
+    use yrs::{Doc, Map, ReadTxn, StateVector, Transact, WriteTxn};
+
+    fn state(doc: &Doc) -> Vec<u8> {
+        doc.transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    fn check(places: &Places, update: &[u8], held: &StateVector) -> Result<Placed, Misplaced> {
+        let shape = UpdateShape::read(update).unwrap();
+        let held = |c| held.get(&yrs::ClientID::new(c));
+        let order = shape.integration_order(held).unwrap();
+        places.check(&shape, &order, held)
+    }
+
+    #[test]
+    fn keystrokes_in_one_text_make_one_run() {
+        let doc = Doc::with_client_id(1);
+        let mut places = Places::default();
+        for (i, c) in "hello".chars().enumerate() {
+            let held = doc.transact().state_vector();
+            let update = edit(&doc, i as u32, &c.to_string());
+            places.record(check(&places, &update, &held).unwrap());
+        }
+        assert_eq!(places.runs(), 1);
+        assert_eq!(Places::of_state(&state(&doc)).runs(), 1);
+    }
+
+    #[test]
+    fn edits_between_real_neighbours_pass_and_misplaced_ones_do_not() {
+        let doc = Doc::with_client_id(1);
+        edit(&doc, 0, "abcdef");
+        {
+            let mut txn = doc.transact_mut();
+            let m = txn.get_or_insert_map("m");
+            m.insert(&mut txn, "k", "v");
+        }
+        let places = Places::of_state(&state(&doc));
+        let held = doc.transact().state_vector();
+        // Another client types in the middle of the text and sets the key again.
+        let other = Doc::with_client_id(2);
+        {
+            use yrs::updates::decoder::Decode;
+            let mut txn = other.transact_mut();
+            txn.apply_update(yrs::Update::decode_v1(&state(&doc)).unwrap())
+                .unwrap();
+        }
+        edit(&other, 3, "xyz");
+        {
+            let mut txn = other.transact_mut();
+            let m = txn.get_or_insert_map("m");
+            m.insert(&mut txn, "k", "w");
+        }
+        let update = other.transact().encode_state_as_update_v1(&held);
+        let placed = check(&places, &update, &held).unwrap();
+        assert_eq!(placed.runs.len(), 2, "{placed:?}");
+        // Client 3: one character with left origin 1:2 (the text), right origin 1:6 (the
+        // map entry `k`).
+        let odd = [1, 1, 3, 0, 0xc4, 1, 2, 1, 6, 1, b'!', 0];
+        assert_eq!(
+            check(&places, &odd, &held).unwrap_err(),
+            Misplaced {
+                client: 3,
+                clock: 0
+            }
+        );
+        // The same with both origins in the text passes.
+        let fine = [1, 1, 3, 0, 0xc4, 1, 2, 1, 3, 1, b'!', 0];
+        assert!(check(&places, &fine, &held).is_ok());
+    }
+
+    #[test]
+    fn a_state_with_many_clients_is_placed_too() {
+        let doc = Doc::with_client_id(1);
+        edit(&doc, 0, "x");
+        for client in 2..40u64 {
+            let other = Doc::with_client_id(client);
+            {
+                use yrs::updates::decoder::Decode;
+                let mut txn = other.transact_mut();
+                txn.apply_update(yrs::Update::decode_v1(&state(&doc)).unwrap())
+                    .unwrap();
+                let m = txn.get_or_insert_map("m");
+                m.insert(&mut txn, "k", client as f64);
+            }
+            edit(&other, 1, "y");
+            let mut txn = doc.transact_mut();
+            use yrs::updates::decoder::Decode;
+            txn.apply_update(yrs::Update::decode_v1(&state(&other)).unwrap())
+                .unwrap();
+        }
+        let places = Places::of_state(&state(&doc));
+        let held = doc.transact().state_vector();
+        // Left origin 1:0 (the text), right origin 39:0 (the last entry `k` of the map).
+        let odd = [1, 1, 50, 0, 0xc4, 1, 0, 39, 0, 1, b'!', 0];
+        assert!(check(&places, &odd, &held).is_err());
+        // Left origin 1:0, right origin 39:1 (client 39's "y" in the text).
+        let fine = [1, 1, 50, 0, 0xc4, 1, 0, 39, 1, 1, b'!', 0];
+        assert!(check(&places, &fine, &held).is_ok());
+    }
+}
