@@ -8,8 +8,9 @@
 //!
 //! - `UpdateShape::read` accepts it, and its client runs and deletions are exactly what yrs
 //!   decodes (`Update::insertions`, `Update::delete_set`);
-//! - the room's `YDoc::apply_checked` accepts it (its dependency check passes), and after
-//!   each round the room and every client that caught up hold the same document.
+//! - the room's `YDoc::apply_checked` accepts it (its dependency and placement checks pass,
+//!   also after the room reloaded from a snapshot at random points), and after each round the
+//!   room and every client that caught up hold the same document.
 
 mod common;
 
@@ -53,6 +54,9 @@ enum Step {
     Edit { n: usize, edit: Edit, step2: bool },
     /// Client `n` receives what the room has that it lacks.
     CatchUp { n: usize },
+    /// The room unloads and loads again from a snapshot of its state (its record of where
+    /// items sit is rebuilt from it).
+    Reload,
 }
 
 fn any_value() -> impl Strategy<Value = Any> {
@@ -103,6 +107,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (0usize..3, edit(), proptest::bool::weighted(0.2))
             .prop_map(|(n, edit, step2)| Step::Edit { n, edit, step2 }),
         1 => (0usize..3).prop_map(|n| Step::CatchUp { n }),
+        1 => Just(Step::Reload),
     ]
 }
 
@@ -262,6 +267,10 @@ proptest! {
             .collect();
         for step in &steps {
             match step {
+                Step::Reload => {
+                    let (snapshot, _) = room.encode_state().expect("room state");
+                    room = YDoc::load(Some(&snapshot), &[]).expect("room loads");
+                }
                 Step::CatchUp { n } => {
                     let sv = clients[*n].transact().state_vector().encode_v1();
                     let diff = room.diff(&sv).expect("room diff");
