@@ -72,3 +72,55 @@ async fn bad_room_names_are_refused_before_the_upgrade() {
         .unwrap_err();
     assert!(err.to_string().contains("400"), "{err}");
 }
+
+/// Sends `head` (a request without its final blank line) and returns the status code.
+async fn status_of(server: &TestServer, head: &str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(server.running().local_addr())
+        .await
+        .unwrap();
+    let mut tcp = tokio::io::BufReader::new(tcp);
+    tcp.get_mut()
+        .write_all(format!("{head}Host: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, tcp.read_line(&mut line))
+        .await
+        .expect("response in time")
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line")
+}
+
+#[tokio::test]
+async fn requests_that_are_not_websocket_upgrades_get_the_matching_status() {
+    let server = TestServer::start().await;
+    // A plain GET on a room: 426 Upgrade Required.
+    assert_eq!(get(&server, "/some-room").await.0, 426);
+    // Not GET: 405.
+    assert_eq!(
+        status_of(&server, "POST /some-room HTTP/1.1\r\n").await,
+        405
+    );
+    // An upgrade with another WebSocket version, or without a key: 400.
+    let upgrade = "GET /some-room HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    assert_eq!(
+        status_of(&server, &format!("{upgrade}Sec-WebSocket-Version: 8\r\n")).await,
+        400
+    );
+    assert_eq!(
+        status_of(
+            &server,
+            "GET /some-room HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\n"
+        )
+        .await,
+        400
+    );
+    // The server still answers a real client.
+    let client = Client::connect(&server.url("some-room")).await.unwrap();
+    client.wait_synced(WAIT).await.unwrap();
+}

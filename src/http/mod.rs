@@ -4,18 +4,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tandem_protocol::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
+use self::upgrade::{NotAnUpgrade, WsUpgrade};
 use crate::auth::{token, AuthError, Authenticator};
 use crate::broker::Broker;
 use crate::hub::Hub;
@@ -25,6 +25,8 @@ use crate::session::limits::AddressLimiter;
 use crate::session::{self, Refusal, SessionSettings};
 use crate::store::writer::{StoreWriter, WriterStats};
 use crate::store::DynStore;
+
+pub mod upgrade;
 
 /// What every request handler shares.
 #[derive(Clone)]
@@ -73,7 +75,7 @@ async fn reserved(
     uri: Uri,
     headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<WsUpgrade, NotAnUpgrade>,
 ) -> Response {
     let path = uri.path();
     if let Ok(ws) = ws {
@@ -150,7 +152,7 @@ async fn upgrade(
     uri: Uri,
     headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     let request = Upgrade {
         room: &room,
@@ -170,7 +172,7 @@ struct Upgrade<'a> {
     peer: SocketAddr,
 }
 
-fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WebSocketUpgrade) -> Response {
+fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WsUpgrade) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
@@ -213,31 +215,31 @@ fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WebSocketUpgrade) ->
         }),
     };
     let s = &state.session;
-    ws.protocols([token::SUBPROTOCOL])
+    let config = WebSocketConfig::default()
         .read_buffer_size(s.read_buffer_bytes)
         .write_buffer_size(s.write_buffer_bytes)
-        .max_message_size(s.max_message_bytes)
-        .max_frame_size(s.max_message_bytes)
-        .on_upgrade(move |socket| {
-            let HttpState {
-                hub,
-                session,
-                connections,
-                auth,
-                ..
-            } = state;
-            let readonly_awareness = auth.settings().readonly_awareness;
-            connections.track_future(session::serve(
-                Box::new(socket),
-                hub,
-                session,
-                session::Admission {
-                    room,
-                    peer,
-                    verdict,
-                    readonly_awareness,
-                    slot,
-                },
-            ))
-        })
+        .max_message_size(Some(s.max_message_bytes))
+        .max_frame_size(Some(s.max_message_bytes));
+    ws.on_upgrade(token::SUBPROTOCOL, config, move |socket| {
+        let HttpState {
+            hub,
+            session,
+            connections,
+            auth,
+            ..
+        } = state;
+        let readonly_awareness = auth.settings().readonly_awareness;
+        connections.track_future(session::serve(
+            Box::new(socket),
+            hub,
+            session,
+            session::Admission {
+                room,
+                peer,
+                verdict,
+                readonly_awareness,
+                slot,
+            },
+        ))
+    })
 }

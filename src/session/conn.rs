@@ -5,17 +5,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tandem_protocol::{AwarenessUpdate, CloseCode, Message, MessageReader, SyncMessage};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tracing::{debug, info, warn, Instrument};
 
 use super::limits::{AddressSlot, TokenBucket};
 use super::outbox::{outbox, Next, Outbox, OutboxReceiver};
 use crate::auth::{Access, Grant};
 use crate::doc::{check_state_vector, DecodedUpdate};
+use crate::http::upgrade::Socket as WebSocket;
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId};
 use crate::metrics::{Refused, METRICS};
@@ -149,7 +153,7 @@ async fn refuse(socket: Box<WebSocket>, settings: &SessionSettings, refusal: Ref
         }
         socket
             .send(WsMessage::Close(Some(CloseFrame {
-                code: refusal.code.code(),
+                code: refusal.code.code().into(),
                 reason: clip_reason(&refusal.reason).into(),
             })))
             .await?;
@@ -159,7 +163,7 @@ async fn refuse(socket: Box<WebSocket>, settings: &SessionSettings, refusal: Ref
                 break;
             }
         }
-        Ok::<_, axum::Error>(())
+        Ok::<_, WsError>(())
     })
     .await;
 }
@@ -276,7 +280,7 @@ impl Reader<'_> {
     /// to close.
     async fn run<S>(self, stream: &mut S)
     where
-        S: Stream<Item = Result<WsMessage, axum::Error>> + Unpin,
+        S: Stream<Item = Result<WsMessage, WsError>> + Unpin,
     {
         let s = self.settings;
         let mut messages = TokenBucket::new(s.rate_messages, s.rate_messages.saturating_mul(2));
@@ -367,7 +371,7 @@ impl Reader<'_> {
                     CloseCode::InvalidData,
                     "text frames are not part of the protocol".to_string(),
                 ),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
                 Some(Ok(WsMessage::Close(_))) => return,
                 Some(Err(e)) => match classify(&e) {
                     Some(refusal) => refusal,
@@ -398,18 +402,17 @@ fn far_future() -> Instant {
 }
 
 /// Maps a socket read error to a refusal, or `None` when the socket is simply gone.
-fn classify(e: &axum::Error) -> Option<(CloseCode, String)> {
-    use std::error::Error as _;
-    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-    match e.source().and_then(|s| s.downcast_ref::<WsError>()) {
-        Some(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => Some((
+fn classify(e: &WsError) -> Option<(CloseCode, String)> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some((
             CloseCode::TooBig,
             format!("message of {size} bytes exceeds the {max_size}-byte limit"),
         )),
-        Some(WsError::Capacity(c)) => Some((CloseCode::TooBig, c.to_string())),
-        Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => None,
-        Some(WsError::Protocol(p)) => Some((CloseCode::ProtocolError, p.to_string())),
-        Some(WsError::Utf8(_)) => Some((CloseCode::InvalidData, "invalid UTF-8".to_string())),
+        WsError::Capacity(c) => Some((CloseCode::TooBig, c.to_string())),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(p) => Some((CloseCode::ProtocolError, p.to_string())),
+        WsError::Utf8(_) => Some((CloseCode::InvalidData, "invalid UTF-8".to_string())),
         _ => None,
     }
 }
@@ -502,7 +505,7 @@ async fn write_loop<S>(
     settings: Arc<SessionSettings>,
     seen: Arc<AtomicBool>,
 ) where
-    S: Sink<WsMessage, Error = axum::Error> + Unpin,
+    S: Sink<WsMessage, Error = WsError> + Unpin,
 {
     let close_signal = rx.close_signal();
     let mut ping = tokio::time::interval(settings.ping_interval);
@@ -537,7 +540,7 @@ async fn write_loop<S>(
     };
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
-            code: code.code(),
+            code: code.code().into(),
             reason: clip_reason(&reason).into(),
         };
         let _ = tokio::time::timeout(settings.close_timeout, async {
@@ -567,15 +570,15 @@ async fn write_batch<S>(
     rx: &mut OutboxReceiver,
     first: Bytes,
     max: usize,
-) -> Result<(), axum::Error>
+) -> Result<(), WsError>
 where
-    S: Sink<WsMessage, Error = axum::Error> + Unpin,
+    S: Sink<WsMessage, Error = WsError> + Unpin,
 {
     let mut frame = Some(first);
     let (mut frames, mut bytes) = (0, 0);
     while let Some(f) = frame.take() {
         let len = f.len();
-        sink.feed(WsMessage::Binary(f)).await?;
+        feed_fragmented(sink, f).await?;
         rx.written(len);
         frames += 1;
         bytes += len as u64;
@@ -586,6 +589,32 @@ where
     METRICS.frames_out.add(frames as u64);
     METRICS.bytes_out.add(bytes);
     sink.flush().await
+}
+
+/// Messages larger than this leave in fragments of this size. tungstenite formats each frame
+/// whole into the connection's write buffer and keeps the buffer's capacity: one frame per
+/// message would leave every connection that was once sent a large document holding a buffer
+/// that large.
+const FRAGMENT_BYTES: usize = 16 << 10;
+
+/// Feeds one binary message, in fragments if it is large.
+async fn feed_fragmented<S>(sink: &mut S, message: Bytes) -> Result<(), WsError>
+where
+    S: Sink<WsMessage, Error = WsError> + Unpin,
+{
+    if message.len() <= FRAGMENT_BYTES {
+        return sink.feed(WsMessage::Binary(message)).await;
+    }
+    let mut rest = message;
+    let mut opcode = OpCode::Data(Data::Binary);
+    while !rest.is_empty() {
+        let part = rest.split_to(rest.len().min(FRAGMENT_BYTES));
+        let last = rest.is_empty();
+        sink.feed(WsMessage::Frame(Frame::message(part, opcode, last)))
+            .await?;
+        opcode = OpCode::Data(Data::Continue);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

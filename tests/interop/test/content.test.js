@@ -139,4 +139,20 @@ describe('every kind of Yjs content', { timeout: 120_000 }, () => {
     })
     assert.deepEqual(b.closes, [], 'b was never closed')
   })
+
+  test('large messages (sent in WebSocket fragments) reach stock providers whole', { timeout: 30_000 }, async () => {
+    const room = uniqueRoom('large')
+    const a = clients.connect(server, room)
+    await waitSynced(a.provider)
+    // About 300 KB: the newcomer's step 2 and the live update are many 16 KiB fragments each.
+    const chunk = '0123456789abcdef'.repeat(1024)
+    a.doc.getText('t').insert(0, chunk.repeat(10))
+    const b = clients.connect(server, room)
+    await waitSynced(b.provider)
+    await waitFor(() => b.doc.getText('t').length === chunk.length * 10, { what: 'the newcomer to get the large document' })
+    a.doc.getText('t').insert(0, chunk.repeat(8))
+    await waitFor(() => b.doc.getText('t').length === chunk.length * 18, { what: 'the large live update to arrive' })
+    assert.equal(b.doc.getText('t').toString(), a.doc.getText('t').toString())
+    assert.deepEqual(b.closes, [], 'b was never closed')
+  })
 })
