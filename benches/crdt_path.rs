@@ -385,7 +385,8 @@ fn room_path(stream: &[Bytes], rt: &tokio::runtime::Runtime) -> YDoc {
     rt.block_on(async {
         for raw in stream {
             let update = DecodedUpdate::decode(raw.clone()).expect("decode");
-            let Applied::Changed { effective, .. } = doc.apply(update).expect("apply") else {
+            let Applied::Changed { effective, .. } = doc.apply_checked(update).expect("apply")
+            else {
                 panic!("every trace update changes the document");
             };
             let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());

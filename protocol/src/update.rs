@@ -188,7 +188,13 @@ pub struct UpdateShape {
     clients: Vec<ClientRun>,
     blocks: Vec<Block>,
     deletions: Vec<Deletion>,
+    /// Runs by client, for updates with many clients (a whole state); the few runs of an edit
+    /// are found by scanning.
+    by_client: Option<HashMap<u64, usize>>,
 }
+
+/// Runs up to which finding a client's run scans instead of hashing.
+const SCAN_RUNS: usize = 16;
 
 impl UpdateShape {
     /// Reads and checks the structure of a v1 update.
@@ -203,7 +209,7 @@ impl UpdateShape {
         for _ in 0..runs {
             let count = dec.read_var_uint()?;
             let client = dec.read_var_uint()?;
-            if shape.clients.iter().any(|r| r.client == client) {
+            if shape.run_of(client).is_some() {
                 return Err(ShapeError::DuplicateClient(client));
             }
             let start = clock(dec.read_var_uint()?, client)?;
@@ -221,6 +227,16 @@ impl UpdateShape {
                 end: at,
                 blocks: first..shape.blocks.len(),
             });
+            match &mut shape.by_client {
+                Some(map) => {
+                    map.insert(client, shape.clients.len() - 1);
+                }
+                None if shape.clients.len() > SCAN_RUNS => {
+                    let map = shape.clients.iter().enumerate();
+                    shape.by_client = Some(map.map(|(i, r)| (r.client, i)).collect());
+                }
+                None => {}
+            }
         }
         shape.deletions = read_delete_set(&mut dec)?;
         if !dec.is_empty() {
@@ -261,12 +277,6 @@ impl UpdateShape {
         &self,
         held: impl Fn(u64) -> u32,
     ) -> Result<Vec<BlockAt>, DependencyError> {
-        let index: HashMap<u64, usize> = self
-            .clients
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.client, i))
-            .collect();
         for run in &self.clients {
             let have = held(run.client);
             if run.start > have {
@@ -281,22 +291,14 @@ impl UpdateShape {
             }
         }
         // Where `id` is: in the document (None), or in block `j` of run `i` (Some((i, j))).
-        let locate = |id: Id| -> Result<Option<(usize, usize)>, DependencyError> {
+        let locate = |id: Id| -> Result<Option<BlockAt>, DependencyError> {
             if id.clock < held(id.client) {
                 return Ok(None);
             }
-            let missing = DependencyError::Missing {
+            self.locate(id).map(Some).ok_or(DependencyError::Missing {
                 client: id.client,
                 clock: id.clock,
-            };
-            let &i = index.get(&id.client).ok_or(missing.clone())?;
-            let run = &self.clients[i];
-            if id.clock >= run.end {
-                return Err(missing);
-            }
-            let blocks = self.blocks(run);
-            let j = blocks.partition_point(|b| b.clock <= id.clock) - 1;
-            Ok(Some((i, j)))
+            })
         };
         for d in &self.deletions {
             // The last deleted clock must be there; runs are contiguous, so all of them are.
@@ -350,6 +352,35 @@ impl UpdateShape {
             }
         }
         Ok(order)
+    }
+
+    /// The position of `client`'s run in [`clients`](Self::clients).
+    pub fn run_of(&self, client: u64) -> Option<usize> {
+        match &self.by_client {
+            Some(map) => map.get(&client).copied(),
+            None => self.clients.iter().position(|r| r.client == client),
+        }
+    }
+
+    /// The block of this update that holds `id`, if the update carries that clock.
+    pub fn locate(&self, id: Id) -> Option<BlockAt> {
+        let i = self.run_of(id.client)?;
+        let run = &self.clients[i];
+        if id.clock < run.start || id.clock >= run.end {
+            return None;
+        }
+        let j = self.blocks(run).partition_point(|b| b.clock <= id.clock) - 1;
+        Some((i, j))
+    }
+
+    /// How many blocks the update has, in all runs.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The position of the block at `at` among all blocks, in `0..block_count()`.
+    pub fn block_index(&self, at: BlockAt) -> usize {
+        self.clients[at.0].blocks.start + at.1
     }
 
     /// The block at `at` (see [`integration_order`](Self::integration_order)).

@@ -101,40 +101,16 @@ impl Places {
         strict: bool,
     ) -> Result<Placed, Misplaced> {
         let mut placed = Placed::default();
-        // The place of each block of the update, by run and block; filled in `order`.
-        let mut of_block: Vec<Vec<PlaceIdx>> = shape
-            .clients()
-            .iter()
-            .map(|r| vec![UNKNOWN; shape.blocks(r).len()])
-            .collect();
-        // Runs by client, for updates with many clients (a full state).
-        let by_client: Option<HashMap<u64, usize>> = (shape.clients().len() > 16).then(|| {
-            shape
-                .clients()
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.client, i))
-                .collect()
-        });
-        let lookup = |of_block: &Vec<Vec<PlaceIdx>>, id: Id| -> PlaceIdx {
+        // The place of each block of the update, by its index among all blocks; filled in
+        // `order`, so that a block's origins in the update are placed before it.
+        let mut of_block = vec![UNKNOWN; shape.block_count()];
+        let lookup = |of_block: &[PlaceIdx], id: Id| -> PlaceIdx {
             if id.clock < held(id.client) {
                 return self.get(id);
             }
-            let i = match &by_client {
-                Some(map) => map.get(&id.client).copied(),
-                None => shape.clients().iter().position(|r| r.client == id.client),
-            };
-            let Some(i) = i else {
-                return UNKNOWN;
-            };
-            let blocks = shape.blocks(&shape.clients()[i]);
-            match blocks
-                .partition_point(|b| b.clock <= id.clock)
-                .checked_sub(1)
-            {
-                Some(j) => of_block[i][j],
-                None => UNKNOWN,
-            }
+            shape
+                .locate(id)
+                .map_or(UNKNOWN, |at| of_block[shape.block_index(at)])
         };
         for &(i, j) in order {
             let block = shape.block((i, j));
@@ -165,7 +141,7 @@ impl Places {
                     }
                 }
             };
-            of_block[i][j] = place;
+            of_block[shape.block_index((i, j))] = place;
         }
         for (i, run) in shape.clients().iter().enumerate() {
             let have = held(run.client);
@@ -177,7 +153,7 @@ impl Places {
                         Run {
                             start: block.clock.max(have),
                             end,
-                            place: of_block[i][j],
+                            place: of_block[shape.block_index((i, j))],
                         },
                     ));
                 }

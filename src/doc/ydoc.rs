@@ -1,5 +1,6 @@
 //! [`YDoc`]: a yrs document with the operations a room needs, each guarded against panics.
 
+use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -116,6 +117,9 @@ pub struct YDoc {
     poisoned: bool,
     /// Where each item sits, for [`YDoc::apply_checked`].
     places: Places,
+    /// The document's state vector, kept up to date so that checking an update does not rebuild
+    /// it (yrs' `state_vector()` walks every client the document ever had).
+    held: HashMap<u64, u32>,
 }
 
 impl Drop for YDoc {
@@ -140,6 +144,7 @@ impl YDoc {
             doc: ManuallyDrop::new(Self::new_doc()),
             poisoned: false,
             places: Places::default(),
+            held: HashMap::new(),
         }
     }
 
@@ -166,6 +171,7 @@ impl YDoc {
             std::mem::forget(broken);
             self.poisoned = true;
             self.places = Places::default();
+            self.held.clear();
             crate::metrics::METRICS.documents_leaked.inc();
         }
         result
@@ -187,7 +193,36 @@ impl YDoc {
                 .encode_state_as_update_v1(&StateVector::default())
         });
         doc.places = Places::of_state(&doc.guard(state)?);
+        doc.refresh_held();
         Ok(doc)
+    }
+
+    /// Checks (in builds with debug assertions: tests, fuzzing) that the kept state vector is the
+    /// document's.
+    #[cfg(debug_assertions)]
+    fn assert_held_is_the_state_vector(&self) {
+        let sv = self.doc.transact().state_vector();
+        let real: HashMap<u64, u32> = sv
+            .iter()
+            .filter(|(_, &clock)| clock > 0)
+            .map(|(c, &clock)| (c.get(), clock))
+            .collect();
+        let kept: HashMap<u64, u32> = self
+            .held
+            .iter()
+            .filter(|(_, &clock)| clock > 0)
+            .map(|(&c, &clock)| (c, clock))
+            .collect();
+        assert_eq!(
+            kept, real,
+            "the kept state vector differs from the document's"
+        );
+    }
+
+    /// Reads the state vector back from the document (after anything but a complete apply).
+    fn refresh_held(&mut self) {
+        let sv = self.doc.transact().state_vector();
+        self.held = sv.iter().map(|(c, &clock)| (c.get(), clock)).collect();
     }
 
     /// Applies an update in one transaction.
@@ -195,8 +230,13 @@ impl YDoc {
     /// On [`DocError::Panicked`] the broken document has been set aside (see [`YDoc`]): the
     /// caller must discard this `YDoc` and reload.
     pub fn apply(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
-        let result = write(&self.doc, |txn| apply_in(txn, update)).and_then(|r| r);
-        self.guard(result)
+        let DecodedUpdate { update, raw, .. } = update;
+        let result = write(&self.doc, |txn| apply_in(txn, update, raw)).and_then(|r| r);
+        let result = self.guard(result);
+        if !self.poisoned {
+            self.refresh_held();
+        }
+        result
     }
 
     /// Applies an update only if it can be integrated at once, refusing
@@ -217,20 +257,31 @@ impl YDoc {
     /// origins lie in different types or map entries, which no client that inserts between
     /// neighbours sends (see [`Places`]).
     pub fn apply_checked(&mut self, update: DecodedUpdate) -> Result<Applied, DocError> {
-        let places = &mut self.places;
-        let result = write(&self.doc, |txn| {
-            let sv = txn.state_vector();
-            let held = |c| sv.get(&yrs::ClientID::new(c));
-            let order = update.shape.integration_order(held)?;
-            let placed = places.check(&update.shape, &order, held)?;
-            let applied = apply_in(txn, update)?;
-            if matches!(applied, Applied::Changed { complete: true, .. }) {
-                places.record(placed);
+        let held = |c| self.held.get(&c).copied().unwrap_or(0);
+        let order = update.shape.integration_order(held)?;
+        let placed = self.places.check(&update.shape, &order, held)?;
+        let DecodedUpdate { update, shape, raw } = update;
+        let result = write(&self.doc, |txn| apply_in(txn, update, raw)).and_then(|r| r);
+        match self.guard(result) {
+            Ok(applied @ (Applied::Changed { complete: true, .. } | Applied::Unchanged)) => {
+                if matches!(applied, Applied::Changed { .. }) {
+                    self.places.record(placed);
+                }
+                for run in shape.clients() {
+                    let clock = self.held.entry(run.client).or_insert(0);
+                    *clock = (*clock).max(run.end);
+                }
+                #[cfg(debug_assertions)]
+                self.assert_held_is_the_state_vector();
+                Ok(applied)
             }
-            Ok(applied)
-        })
-        .and_then(|r| r);
-        self.guard(result)
+            other => {
+                if !self.poisoned {
+                    self.refresh_held();
+                }
+                other
+            }
+        }
     }
 
     /// The encoded state vector (for sync step 1).
@@ -423,8 +474,7 @@ pub(super) fn integrate<'a>(
 }
 
 /// Applies one decoded update in `txn` and works out what to relay.
-fn apply_in(txn: &mut TransactionMut<'_>, update: DecodedUpdate) -> Result<Applied, DocError> {
-    let DecodedUpdate { update, raw, .. } = update;
+fn apply_in(txn: &mut TransactionMut<'_>, update: Update, raw: Bytes) -> Result<Applied, DocError> {
     let before = PendingPrint::of(txn);
     if let Err(e) = txn.apply_update(update) {
         let reason = e.to_string();
