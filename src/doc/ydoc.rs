@@ -197,8 +197,8 @@ impl YDoc {
         Ok(doc)
     }
 
-    /// Checks (in builds with debug assertions: tests, fuzzing) that the kept state vector is the
-    /// document's.
+    /// Checks (in builds with debug assertions: tests, `cargo fuzz run -a`) that the kept state
+    /// vector is the document's.
     #[cfg(debug_assertions)]
     fn assert_held_is_the_state_vector(&self) {
         let sv = self.doc.transact().state_vector();
