@@ -11,6 +11,7 @@
 //! - `Any` values nested deeper than [`MAX_ANY_DEPTH`] (yrs decodes and drops them recursively:
 //!   about 10,000 levels, 20 KB, overflow a 2 MiB thread stack and abort the process, finding 12);
 //! - clocks past `u32::MAX`, empty GC ranges and skips, empty or overlapping deletions;
+//! - subdocuments (yrs 0.28 never frees a document that holds one, finding 14);
 //! - content kinds that Yjs and yrs read differently (legacy JSON content, XML hooks, bit 4 of
 //!   the info byte, weak links) or that neither defines, and trailing bytes.
 //!
@@ -54,6 +55,10 @@ pub enum ShapeError {
     /// An info byte whose content kind is unknown, or read differently by Yjs and yrs.
     #[error("unsupported block kind (info byte {0:#04x})")]
     UnsupportedContent(u8),
+    /// A subdocument (content kind 9): yrs 0.28 never frees a document that holds one, so every
+    /// unload of its room would leak the whole document (fuzz finding 14).
+    #[error("subdocuments are not supported")]
+    Subdocument,
     /// A shared type kind that is unknown or not accepted (weak links).
     #[error("unsupported type reference {0}")]
     UnsupportedType(u8),
@@ -427,7 +432,10 @@ fn read_block(dec: &mut Decoder<'_>, client: u64, at: u32) -> Result<Option<Bloc
     }
     // Yjs reads the content kind from bits 0-4, yrs from bits 0-3: refuse bit 4.
     let kind = info & 0x1f;
-    if !(1..=9).contains(&kind) || kind == 2 {
+    if kind == 9 {
+        return Err(ShapeError::Subdocument);
+    }
+    if !(1..=8).contains(&kind) || kind == 2 {
         return Err(ShapeError::UnsupportedContent(info));
     }
     let mut deps = [None; 3];
@@ -515,12 +523,6 @@ fn read_content(dec: &mut Decoder<'_>, kind: u8, client: u64) -> Result<u32, Sha
                 skip_any(dec)?;
             }
             n
-        }
-        // A subdocument: a guid and options.
-        9 => {
-            dec.read_var_string()?;
-            skip_any(dec)?;
-            1
         }
         _ => unreachable!("kinds are checked by the caller"),
     })
