@@ -185,14 +185,20 @@ impl YDoc {
         let parts = snapshot.into_iter().chain(tail.iter().map(|b| &b[..]));
         let result = integrate(&doc.doc, parts);
         doc.guard(result)?;
-        // Read back from the document's own encoding: the stored parts may overlap and arrive
-        // in any order, the state is complete and ordered.
-        let state = contain(|| {
-            doc.doc
-                .transact()
-                .encode_state_as_update_v1(&StateVector::default())
-        });
-        doc.places = Places::of_state(&doc.guard(state)?);
+        doc.places = match (snapshot, tail.is_empty()) {
+            // A snapshot alone (a compacted room) is the document's own encoding already.
+            (Some(state), true) => Places::of_state(state),
+            // Read back from the document's own encoding: the stored parts may overlap and
+            // arrive in any order, the state is complete and ordered.
+            _ => {
+                let state = contain(|| {
+                    doc.doc
+                        .transact()
+                        .encode_state_as_update_v1(&StateVector::default())
+                });
+                Places::of_state(&doc.guard(state)?)
+            }
+        };
         doc.refresh_held();
         Ok(doc)
     }
