@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use common::{append_text, expect_close, raw, send_binary, text, TestServer, WAIT};
-use tandem::doc::{check_state_vector, Applied, Comparison, DecodedUpdate, DocError, YDoc};
+use tandem::doc::{
+    check_state_vector, Applied, Comparison, DecodedUpdate, DocError, Misplaced, YDoc,
+};
 use tandem_client::{Client, ClientOptions};
 use tandem_protocol::{CloseCode, Message, SyncMessage};
 
@@ -709,33 +711,96 @@ fn subdocuments_are_refused_while_decoding() {
     );
 }
 
-/// Finding 15 (open): found by the `update` campaign with finding 14 fixed. On the fuzz targets'
-/// starting document, one update of two clients: client 0 writes under the root `t` with no
-/// origins (as if `t` were empty), then more after it; client 47 inserts with only a right
-/// origin, inside client 0's blocks. Every check passes and the room integrates it, but the
-/// room's own snapshot, loaded again, holds something else. No memory error.
+/// Finding 15: found by the `update` campaign with finding 14 fixed. On the fuzz targets'
+/// starting document, one update of two clients: client 0 writes a 5-character string into the
+/// map entry `m.k` (its left origin is the entry's value), and client 47 inserts with only a
+/// right origin inside that string, which splits it. yrs integrated it, but in the room's own
+/// snapshot the string is two items, and the second, loaded on its own, deletes the first: the
+/// snapshot held less than the room. A live map value longer than one clock is now refused.
 #[test]
-#[ignore = "finding 15 (open): a room's snapshot must hold what the room holds"]
-fn a_snapshot_holds_what_the_room_holds_after_origin_less_inserts() {
+fn a_live_map_value_longer_than_one_clock_is_refused() {
     let input = hex(concat!(
         "02012f00440008033e3e20050000040101740568650a006f81",
         "01040184010b05770b00000c2801016d01010000030101010205"
     ));
-    for seeded in [false, true] {
-        let mut room = if seeded { fuzz_base() } else { YDoc::new() };
-        let Ok(update) = DecodedUpdate::decode(Bytes::from(input.clone())) else {
-            continue;
-        };
-        if room.apply_checked(update).is_err() {
-            continue;
-        }
-        let (snapshot, _) = room.encode_state().unwrap();
-        let reloaded = YDoc::load(Some(&snapshot), &[]).unwrap();
-        let (sv, digest) = room.sync_summary();
-        assert_eq!(
-            reloaded.compare(&sv, &digest).unwrap(),
-            SAME,
-            "seeded: {seeded}"
-        );
+    let mut room = fuzz_base();
+    let before = room.sync_summary();
+    let update = DecodedUpdate::decode(Bytes::from(input)).unwrap();
+    let refused = room.apply_checked(update);
+    assert!(
+        matches!(
+            refused,
+            Err(DocError::Misplaced(Misplaced::LongEntry {
+                client: 0,
+                clock: 6,
+                len: 5
+            }))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(room.compare(&before.0, &before.1).unwrap(), SAME);
+}
+
+/// What finding 15's rule must let through: a client that keeps deleted values (no garbage
+/// collection) merges a map entry's overwritten and deleted values into one item longer than one
+/// clock, and another client set the entry concurrently next to the first of them, which splits
+/// the long item in the room. The room takes both, and its snapshot holds what it holds.
+#[test]
+fn deleted_map_values_merged_into_one_item_pass_and_survive_a_reload() {
+    use yrs::updates::decoder::Decode;
+    use yrs::{Map, ReadTxn, Transact, WriteTxn};
+    let state = |doc: &yrs::Doc| {
+        doc.transact()
+            .encode_state_as_update_v1(&yrs::StateVector::default())
+    };
+    let options = |client: u64| yrs::Options {
+        skip_gc: true,
+        ..yrs::Options::with_client_id(yrs::ClientID::new(client))
+    };
+    let one = yrs::Doc::with_options(options(1));
+    {
+        let mut txn = one.transact_mut();
+        let m = txn.get_or_insert_map("m");
+        m.insert(&mut txn, "k", 1.0);
     }
+    let two = yrs::Doc::with_options(options(2));
+    two.transact_mut()
+        .apply_update(yrs::Update::decode_v1(&state(&one)).unwrap())
+        .unwrap();
+    {
+        let mut txn = one.transact_mut();
+        let m = txn.get_or_insert_map("m");
+        m.insert(&mut txn, "k", 2.0);
+        m.insert(&mut txn, "k", 3.0);
+        m.remove(&mut txn, "k");
+    }
+    // Client 2 sets `k` next to client 1's first value, concurrently.
+    {
+        let mut txn = two.transact_mut();
+        let m = txn.get_or_insert_map("m");
+        m.insert(&mut txn, "k", "two");
+    }
+    let first = state(&one);
+    let shape = tandem_protocol::UpdateShape::read(&first).unwrap();
+    let long = shape.clients().iter().any(|run| {
+        shape
+            .blocks(run)
+            .iter()
+            .any(|b| b.len > 1 && !b.content_deleted)
+    });
+    assert!(long, "client 1's state holds one item for its three values");
+    let mut room = YDoc::new();
+    room.apply_checked(DecodedUpdate::decode(Bytes::from(first)).unwrap())
+        .unwrap();
+    let held = yrs::StateVector::decode_v1(&room.state_vector()).unwrap();
+    let second = two.transact().encode_state_as_update_v1(&held);
+    room.apply_checked(DecodedUpdate::decode(Bytes::from(second)).unwrap())
+        .unwrap();
+    let (snapshot, _) = room.encode_state().unwrap();
+    let reloaded = YDoc::load(Some(&snapshot), &[]).unwrap();
+    let (sv, digest) = room.sync_summary();
+    assert_eq!(reloaded.compare(&sv, &digest).unwrap(), SAME);
+    let txn = room.doc().transact();
+    let value = txn.get_map("m").unwrap().get(&txn, "k");
+    assert_eq!(value.map(|v| v.to_string(&txn)), Some("two".into()));
 }

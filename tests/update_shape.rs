@@ -41,6 +41,9 @@ enum Edit {
     MapSet(String, Any),
     MapNested(String),
     MapDelete(String),
+    /// Sets a key to each value in one transaction, then deletes it if asked: with garbage
+    /// collection off, the overwritten values merge into one item longer than one clock.
+    MapChurn(String, Vec<Any>, bool),
     ArrayInsert(usize, Vec<Any>),
     ArrayNested(usize),
     ArrayDelete(usize, usize),
@@ -94,6 +97,8 @@ fn edit() -> impl Strategy<Value = Edit> {
         2 => ("[a-d]", any_value()).prop_map(|(k, v)| Edit::MapSet(k, v)),
         1 => "[a-d]".prop_map(Edit::MapNested),
         1 => "[a-d]".prop_map(Edit::MapDelete),
+        1 => ("[a-d]", proptest::collection::vec(any_value(), 2..5), any::<bool>())
+            .prop_map(|(k, v, delete)| Edit::MapChurn(k, v, delete)),
         2 => (idx.clone(), proptest::collection::vec(any_value(), 1..4))
             .prop_map(|(i, v)| Edit::ArrayInsert(i, v)),
         1 => idx.clone().prop_map(Edit::ArrayNested),
@@ -158,6 +163,14 @@ fn apply(doc: &Doc, edit: &Edit) {
         }
         Edit::MapDelete(k) => {
             map.remove(&mut txn, k);
+        }
+        Edit::MapChurn(k, values, delete) => {
+            for value in values {
+                map.insert(&mut txn, k.as_str(), value.clone());
+            }
+            if *delete {
+                map.remove(&mut txn, k);
+            }
         }
         Edit::ArrayInsert(i, v) => {
             let at = (*i).min(alen) as u32;
@@ -261,6 +274,8 @@ proptest! {
                 Doc::with_options(Options {
                     client_id: ClientID::new(100 + i),
                     offset_kind: OffsetKind::Utf16,
+                    // One client keeps deleted content, as documents kept for versions do.
+                    skip_gc: i == 2,
                     ..Options::default()
                 })
             })

@@ -37,15 +37,31 @@ struct Run {
 
 /// An item of an update that cannot be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "block {client}:{clock} has its left origin in one type or map entry and its right origin in \
-     another"
-)]
-pub struct Misplaced {
-    /// The item's client.
-    pub client: u64,
-    /// The item's clock.
-    pub clock: u32,
+pub enum Misplaced {
+    /// Its left origin lies in one type or map entry and its right origin in another.
+    #[error(
+        "block {client}:{clock} has its left origin in one type or map entry and its right \
+         origin in another"
+    )]
+    Origins {
+        /// The item's client.
+        client: u64,
+        /// The item's clock.
+        clock: u32,
+    },
+    /// It is a live value of a map entry that spans more than one clock.
+    #[error(
+        "block {client}:{clock} is a map entry's value {len} clocks long that the update does \
+         not delete"
+    )]
+    LongEntry {
+        /// The item's client.
+        client: u64,
+        /// The item's clock.
+        clock: u32,
+        /// How many clocks it spans.
+        len: u32,
+    },
 }
 
 /// The places of an update's new blocks, worked out by [`Places::check`] and kept by
@@ -104,6 +120,8 @@ impl Places {
         // The place of each block of the update, by its index among all blocks; filled in
         // `order`, so that a block's origins in the update are placed before it.
         let mut of_block = vec![UNKNOWN; shape.block_count()];
+        // Items longer than one clock placed in a map entry: see [`check_deleted`].
+        let mut long_entries = Vec::new();
         let lookup = |of_block: &[PlaceIdx], id: Id| -> PlaceIdx {
             if id.clock < held(id.client) {
                 return self.get(id);
@@ -129,7 +147,7 @@ impl Places {
                     let left = block.deps[0].map_or(UNKNOWN, |id| lookup(&of_block, id));
                     let right = block.deps[1].map_or(UNKNOWN, |id| lookup(&of_block, id));
                     if strict && left != UNKNOWN && right != UNKNOWN && left != right {
-                        return Err(Misplaced {
+                        return Err(Misplaced::Origins {
                             client: shape.clients()[i].client,
                             clock: block.clock,
                         });
@@ -142,6 +160,12 @@ impl Places {
                 }
             };
             of_block[shape.block_index((i, j))] = place;
+            if strict && block.len > 1 && !block.content_deleted && self.keyed(&placed, place) {
+                long_entries.push((shape.clients()[i].client, block.clock, block.len));
+            }
+        }
+        if !long_entries.is_empty() {
+            check_deleted(shape, &long_entries)?;
         }
         for (i, run) in shape.clients().iter().enumerate() {
             let have = held(run.client);
@@ -175,6 +199,16 @@ impl Places {
             }
         };
         (self.table.len() + k) as PlaceIdx
+    }
+
+    /// Whether `place` (in the table or among `placed`'s new places) is a map entry.
+    fn keyed(&self, placed: &Placed, place: PlaceIdx) -> bool {
+        let place = place as usize;
+        let entry = match self.table.get(place) {
+            Some(entry) => Some(entry),
+            None => placed.new_places.get(place - self.table.len()),
+        };
+        entry.is_some_and(|p| p.sub.is_some())
     }
 
     /// Keeps the places of an update the engine integrated.
@@ -213,6 +247,46 @@ impl Places {
     pub(super) fn runs(&self) -> usize {
         self.runs.values().map(Vec::len).sum()
     }
+}
+
+/// Refuses an item of `long` (client, clock, length: items longer than one clock placed in a
+/// map entry) that the update's delete set does not wholly delete.
+///
+/// A map entry's value is one element: Yjs and yrs only write longer items into a map entry
+/// when they merged values that were all deleted. yrs integrates a live long value whole, but
+/// once an id inside it is referred to and the item is split, the room's own encoding holds two
+/// items, and the second, integrated on its own, deletes the first: a snapshot then decodes to
+/// less than the room holds (fuzz finding 15 in docs/fuzzing.md).
+fn check_deleted(shape: &UpdateShape, long: &[(u64, u32, u32)]) -> Result<(), Misplaced> {
+    // The delete set names each client once, with sorted ranges.
+    let mut by_client: HashMap<u64, (usize, usize)> = HashMap::new();
+    for (k, d) in shape.deletions().iter().enumerate() {
+        by_client.entry(d.client).or_insert((k, k)).1 = k + 1;
+    }
+    for &(client, clock, len) in long {
+        let refused = Misplaced::LongEntry { client, clock, len };
+        let &(from, to) = by_client.get(&client).ok_or(refused.clone())?;
+        let ranges = &shape.deletions()[from..to];
+        // The range that holds `clock`, then ranges that follow on without a gap.
+        let mut k = ranges.partition_point(|d| d.clock <= clock);
+        let mut covered = clock;
+        let end = u64::from(clock) + u64::from(len);
+        if k == 0 {
+            return Err(refused);
+        }
+        k -= 1;
+        while k < ranges.len() && ranges[k].clock <= covered {
+            covered = covered.max(ranges[k].clock.saturating_add(ranges[k].len));
+            if u64::from(covered) >= end {
+                break;
+            }
+            k += 1;
+        }
+        if u64::from(covered) < end {
+            return Err(refused);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -279,7 +353,7 @@ mod tests {
         let odd = [1, 1, 3, 0, 0xc4, 1, 2, 1, 6, 1, b'!', 0];
         assert_eq!(
             check(&places, &odd, &held).unwrap_err(),
-            Misplaced {
+            Misplaced::Origins {
                 client: 3,
                 clock: 0
             }
@@ -287,6 +361,38 @@ mod tests {
         // The same with both origins in the text passes.
         let fine = [1, 1, 3, 0, 0xc4, 1, 2, 1, 3, 1, b'!', 0];
         assert!(check(&places, &fine, &held).is_ok());
+    }
+
+    #[test]
+    fn a_live_map_value_longer_than_one_clock_must_be_deleted_by_its_update() {
+        let places = Places::default();
+        let held = StateVector::default();
+        // Client 5 writes the string "abc" as the value of root map `m`'s key `k`.
+        let entry = |delete_set: &[u8]| {
+            let mut update = vec![1, 1, 5, 0, 0x24, 1, 1, b'm', 1, b'k', 3, b'a', b'b', b'c'];
+            update.extend_from_slice(delete_set);
+            update
+        };
+        let refused = Misplaced::LongEntry {
+            client: 5,
+            clock: 0,
+            len: 3,
+        };
+        assert_eq!(check(&places, &entry(&[0]), &held).unwrap_err(), refused);
+        // Deleted in two ranges that meet: passes.
+        assert!(check(&places, &entry(&[1, 5, 2, 0, 2, 2, 1]), &held).is_ok());
+        // Deleted but for clock 1: refused.
+        let gap = [1, 5, 2, 0, 1, 2, 1];
+        assert_eq!(check(&places, &entry(&gap), &held).unwrap_err(), refused);
+        // Deleted from clock 1 on: refused.
+        let late = [1, 5, 1, 1, 2];
+        assert_eq!(check(&places, &entry(&late), &held).unwrap_err(), refused);
+        // One character as the value: passes.
+        let one = [1, 1, 5, 0, 0x24, 1, 1, b'm', 1, b'k', 1, b'a', 0];
+        assert!(check(&places, &one, &held).is_ok());
+        // The same three characters in a text (no key): passes.
+        let text = [1, 1, 5, 0, 0x04, 1, 1, b't', 3, b'a', b'b', b'c', 0];
+        assert!(check(&places, &text, &held).is_ok());
     }
 
     #[test]
