@@ -20,3 +20,4 @@ pub mod room;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod ws;

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tandem_protocol::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
@@ -214,13 +213,8 @@ fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WsUpgrade) -> Respon
             },
         }),
     };
-    let s = &state.session;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(s.read_buffer_bytes)
-        .write_buffer_size(s.write_buffer_bytes)
-        .max_message_size(Some(s.max_message_bytes))
-        .max_frame_size(Some(s.max_message_bytes));
-    ws.on_upgrade(token::SUBPROTOCOL, config, move |socket| {
+    let max_message = state.session.max_message_bytes;
+    ws.on_upgrade(token::SUBPROTOCOL, max_message, move |socket| {
         let HttpState {
             hub,
             session,

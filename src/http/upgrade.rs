@@ -1,21 +1,29 @@
-//! The WebSocket upgrade (RFC 6455 over HTTP/1.1), done here rather than by axum's
-//! `WebSocketUpgrade` so that the connection gets tokio-tungstenite's stream itself: axum's
-//! wrapper sends each message as one frame, and tungstenite formats a whole frame into its write
-//! buffer and keeps that buffer's capacity. A connection sent one 1 MB document kept 1 MB for
-//! as long as it stayed (docs/benchmarks.md, "Join storm"); with the raw stream, large messages
-//! leave in fragments and the buffer stays small.
+//! The WebSocket upgrade (RFC 6455 over HTTP/1.1). After the `101` answer hyper hands the
+//! connection over and tandem's own WebSocket layer ([`crate::ws`]) serves it, keeping no
+//! buffers while the connection is idle.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use sha1::{Digest, Sha1};
 
-/// An upgraded connection.
-pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+use crate::ws::WsSocket;
+
+/// The byte stream under an upgraded connection: hyper's, which first replays whatever it read
+/// past the upgrade request (a client may send its first message without waiting for `101`).
+pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
+
+/// The `Sec-WebSocket-Accept` answer to a client's key (RFC 6455, section 4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
 
 /// A request to upgrade to a WebSocket, checked.
 pub struct WsUpgrade {
@@ -101,15 +109,16 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
 
 impl WsUpgrade {
     /// Answers `101 Switching Protocols`, selecting `protocol` if the client offered it, and runs
-    /// `serve` with the socket once the client's connection is handed over.
+    /// `serve` with the socket (refusing messages over `max_message` bytes) once the client's
+    /// connection is handed over.
     pub fn on_upgrade<F, Fut>(
         self,
         protocol: &'static str,
-        config: WebSocketConfig,
+        max_message: usize,
         serve: F,
     ) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(WsSocket<Stream>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let selected = self
@@ -123,13 +132,7 @@ impl WsUpgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            serve(socket).await;
+            serve(WsSocket::new(TokioIo::new(upgraded), max_message)).await;
         });
         let mut response = (
             StatusCode::SWITCHING_PROTOCOLS,
@@ -139,7 +142,7 @@ impl WsUpgrade {
             ],
         )
             .into_response();
-        let accept = derive_accept_key(self.key.as_bytes());
+        let accept = accept_key(self.key.as_bytes());
         let headers = response.headers_mut();
         if let Ok(accept) = HeaderValue::from_str(&accept) {
             headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
@@ -181,7 +184,7 @@ mod tests {
     fn the_accept_key_is_the_rfc_example() {
         // RFC 6455, section 1.3.
         assert_eq!(
-            derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }

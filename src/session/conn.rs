@@ -1,29 +1,29 @@
-//! The connection task: join, read and check frames, write the outbox, leave.
+//! The connection task: join, read and check frames, write the outbox, leave; one task per
+//! connection, polling its socket for both directions.
 
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tandem_protocol::{AwarenessUpdate, CloseCode, Message, MessageReader, SyncMessage};
-use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn, Instrument};
 
 use super::limits::{AddressSlot, TokenBucket};
-use super::outbox::{outbox, Next, Outbox, OutboxReceiver};
+use super::outbox::{outbox, Outbox, OutboxReceiver, Signal};
 use crate::auth::{Access, Grant};
 use crate::doc::{check_state_vector, DecodedUpdate};
-use crate::http::upgrade::Socket as WebSocket;
+use crate::http::upgrade::Stream;
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId};
 use crate::metrics::{Refused, METRICS};
 use crate::room::{JoinError, RoomCommand, RoomHandle};
+use crate::ws::{Incoming, ReadError, SocketError, Source, Written, WsSocket};
 
 /// Per-connection limits and timings.
 #[derive(Debug, Clone)]
@@ -34,14 +34,8 @@ pub struct SessionSettings {
     pub outbox_bytes: usize,
     /// How often the server pings; a connection silent for a whole interval is closed.
     pub ping_interval: Duration,
-    /// Socket read buffer: the most one read takes, kept by every connection while it is idle
-    /// (tungstenite's default of 128 KiB is a trap at 100k connections). Client messages are
-    /// mostly small; a larger one takes several reads.
-    pub read_buffer_bytes: usize,
-    /// Bytes buffered before a write reaches the socket; frames are coalesced up to this.
+    /// Queued frames are coalesced into one write of about this many bytes.
     pub write_buffer_bytes: usize,
-    /// Most frames coalesced into one flush.
-    pub max_coalesce_frames: usize,
     /// How long a close frame may take to leave before the socket is simply dropped.
     pub close_timeout: Duration,
     /// Time allowed between the upgrade and the first valid message (1008 after it).
@@ -63,9 +57,7 @@ impl Default for SessionSettings {
             max_message_bytes: 16 << 20,
             outbox_bytes: 32 << 20,
             ping_interval: Duration::from_secs(30),
-            read_buffer_bytes: 1 << 10,
             write_buffer_bytes: 16 << 10,
-            max_coalesce_frames: 256,
             close_timeout: Duration::from_secs(1),
             first_message_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(15 * 60)),
@@ -107,10 +99,9 @@ pub struct Refusal {
 /// Serves one upgraded socket until it closes.
 ///
 /// The socket comes boxed: every async function it passes through keeps a slot for its
-/// arguments for as long as it runs, so a socket moved by value would take its size (about
-/// 370 bytes) once per level in every idle connection's task.
+/// arguments for as long as it runs.
 pub async fn serve(
-    socket: Box<WebSocket>,
+    socket: Box<WsSocket<Stream>>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     admission: Admission,
@@ -141,31 +132,61 @@ pub async fn serve(
 }
 
 /// Tells a refused client why and closes.
-async fn refuse(socket: Box<WebSocket>, settings: &SessionSettings, refusal: Refusal) {
-    let mut socket = *socket;
+async fn refuse(mut socket: Box<WsSocket<Stream>>, settings: &SessionSettings, refusal: Refusal) {
     info!(code = refusal.code.code(), reason = %refusal.reason, "connection refused");
     METRICS.closes.inc(refusal.code);
     METRICS.refused.inc(refusal.metric);
-    let _ = tokio::time::timeout(settings.close_timeout, async {
-        if refusal.auth_message {
-            let frame = Message::AuthDenied(&refusal.reason).to_frame();
-            socket.send(WsMessage::Binary(frame.into())).await?;
-        }
-        socket
-            .send(WsMessage::Close(Some(CloseFrame {
-                code: refusal.code.code().into(),
-                reason: clip_reason(&refusal.reason).into(),
-            })))
-            .await?;
-        // Wait briefly for the client's close so the reason is not lost to a reset.
-        while let Some(Ok(msg)) = socket.next().await {
-            if matches!(msg, WsMessage::Close(_)) {
-                break;
+    let farewell = refusal
+        .auth_message
+        .then(|| Bytes::from(Message::AuthDenied(&refusal.reason).to_frame()));
+    socket.close(refusal.code.code(), &refusal.reason, farewell);
+    finish(&mut socket, settings, false).await;
+}
+
+/// Sends the close frame (after what the socket has not taken yet), then reads and drops what
+/// the client still sends until it answers the close, so that the socket is not reset with our
+/// close frame unread; all within twice the close timeout.
+async fn finish(socket: &mut WsSocket<Stream>, settings: &SessionSettings, answered: bool) {
+    let mut none = NoMessages;
+    let _ = tokio::time::timeout(
+        settings.close_timeout * 2,
+        poll_fn(|cx| {
+            if !socket.close_sent() {
+                let mut written = Written::default();
+                match socket.poll_write(cx, &mut none, settings.write_buffer_bytes, &mut written) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
             }
-        }
-        Ok::<_, WsError>(())
-    })
+            if answered {
+                return Poll::Ready(());
+            }
+            socket.poll_drain(cx)
+        }),
+    )
     .await;
+}
+
+/// A writer's source with nothing in it (while closing).
+struct NoMessages;
+
+impl Source for NoMessages {
+    fn next_message(&mut self) -> Option<Bytes> {
+        None
+    }
+
+    fn taken(&mut self, _: usize) {}
+}
+
+impl Source for OutboxReceiver {
+    fn next_message(&mut self) -> Option<Bytes> {
+        self.try_next_frame()
+    }
+
+    fn taken(&mut self, len: usize) {
+        self.written(len);
+    }
 }
 
 /// What an admitted connection may send.
@@ -178,7 +199,7 @@ struct Permissions {
 }
 
 async fn run(
-    socket: Box<WebSocket>,
+    socket: Box<WsSocket<Stream>>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     room: RoomId,
@@ -187,25 +208,40 @@ async fn run(
 ) {
     METRICS.connections_opened.inc();
     METRICS.connections_open.inc();
-    let (sink, mut stream) = (*socket).split();
-    let (out, out_rx) = outbox(settings.outbox_bytes);
-    let seen = Arc::new(AtomicBool::new(true));
-    let writer = tokio::spawn(write_loop(sink, out_rx, settings.clone(), seen.clone()));
+    let (out, rx) = outbox(settings.outbox_bytes);
+    let now = Instant::now();
+    let mut session = Box::new(Session {
+        socket: *socket,
+        inbox: VecDeque::new(),
+        rx,
+        out,
+        timer: Box::pin(tokio::time::sleep(settings.first_message_timeout)),
+        ping_at: now + settings.ping_interval,
+        limit_at: now + settings.first_message_timeout,
+        seen: true,
+        admitted: false,
+        last_frame: now,
+        messages: TokenBucket::new(
+            settings.rate_messages,
+            settings.rate_messages.saturating_mul(2),
+        ),
+        bytes: TokenBucket::new(
+            settings.rate_bytes,
+            (settings.max_message_bytes as u64).max(settings.rate_bytes),
+        ),
+        settings: settings.clone(),
+        conn,
+        perms,
+    });
+    session.arm();
 
     // Boxed: joining takes more state than waiting for messages, for a moment only.
-    match Box::pin(hub.join(&room, conn, out.clone())).await {
+    let answered = match Box::pin(hub.join(&room, conn, session.out.clone())).await {
         Ok(membership) => {
             debug!("joined");
-            let reader = Reader {
-                room: membership.handle(),
-                out: &out,
-                conn,
-                seen: &seen,
-                settings: &settings,
-                perms,
-            };
-            reader.run(&mut stream).await;
+            let answered = session.serve(membership.handle()).await;
             drop(membership);
+            answered
         }
         Err(e) => {
             let (code, reason) = match e {
@@ -227,164 +263,216 @@ async fn run(
                 JoinError::TooManyRooms => METRICS.refused.inc(Refused::TooManyRooms),
                 _ => {}
             }
-            out.close(code, reason);
-        }
-    }
-    // Refused for something it sent: it may still be sending, and its bytes go unread.
-    let refused = out
-        .close_request()
-        .is_some_and(|r| r.code != CloseCode::Normal);
-    out.close(CloseCode::Normal, "");
-    drop(out);
-    // Keep reading while the writer sends the close frame, until the client answers it: a
-    // socket closed with unread bytes in it is reset, and the client would never see why it
-    // was closed (a bot flooding past its rate limit, say).
-    let drain = async {
-        loop {
-            match stream.next().await {
-                Some(Ok(WsMessage::Close(_))) => break,
-                Some(Ok(_)) => {}
-                end => {
-                    // The stream cannot go on (after an oversize frame, say, whose bytes stay
-                    // unread). Dropping a socket with unread bytes makes the kernel reset it,
-                    // which can destroy our close frame before the client reads it: give a
-                    // refused client a moment to read it first.
-                    if refused || end.is_some() {
-                        tokio::time::sleep(settings.close_timeout).await;
-                    }
-                    break;
-                }
-            }
+            session.out.close(code, reason);
+            Some(false)
         }
     };
-    let (_, _) = tokio::join!(
-        writer,
-        tokio::time::timeout(settings.close_timeout * 2, drain)
-    );
+    if let Some(answered) = answered {
+        let request = session.out.close_request().cloned();
+        let (code, reason) = request.map_or((CloseCode::Normal, "".into()), |r| (r.code, r.reason));
+        session.socket.close(code.code(), &reason, None);
+        // Frames nobody will write: free them now.
+        drop(session.rx);
+        finish(&mut session.socket, &settings, answered).await;
+    }
     METRICS.connections_open.dec();
     debug!("closed");
 }
 
-/// The reading half of an admitted connection.
-struct Reader<'a> {
-    room: &'a RoomHandle,
-    out: &'a Outbox,
+/// An admitted connection: its socket, its outbox and its limits, served by one task.
+struct Session {
+    socket: WsSocket<Stream>,
+    /// Messages read and not handled yet.
+    inbox: VecDeque<Incoming>,
+    rx: OutboxReceiver,
+    /// The connection's own handle on its outbox, to ask itself to close.
+    out: Outbox,
+    /// One timer for every deadline: the next ping and `limit_at`.
+    timer: Pin<Box<Sleep>>,
+    ping_at: Instant,
+    /// The deadline for a first valid message, then the idle check.
+    limit_at: Instant,
+    /// The client sent something since the last ping.
+    seen: bool,
+    admitted: bool,
+    last_frame: Instant,
+    messages: TokenBucket,
+    bytes: TokenBucket,
+    settings: Arc<SessionSettings>,
     conn: ConnId,
-    seen: &'a AtomicBool,
-    settings: &'a SessionSettings,
     perms: Permissions,
 }
 
-impl Reader<'_> {
-    /// Reads frames until the client goes, breaks the protocol or a limit, or the server asks
-    /// to close.
-    async fn run<S>(self, stream: &mut S)
-    where
-        S: Stream<Item = Result<WsMessage, WsError>> + Unpin,
-    {
-        let s = self.settings;
-        let mut messages = TokenBucket::new(s.rate_messages, s.rate_messages.saturating_mul(2));
-        let mut bytes =
-            TokenBucket::new(s.rate_bytes, (s.max_message_bytes as u64).max(s.rate_bytes));
-        // One timer: first the deadline for a first valid message, then the idle check, which
-        // re-arms itself from the last frame instead of being reset on every frame.
-        let timer = tokio::time::sleep(s.first_message_timeout);
-        tokio::pin!(timer);
-        let mut admitted = false;
-        let mut last_frame = Instant::now();
+/// What woke the connection.
+enum Step {
+    /// Messages are in the inbox.
+    Read,
+    /// The client's bytes cannot be read on.
+    ReadFailed(SocketError),
+    /// A deadline passed.
+    Timer,
+    /// A close was requested (by the room, the server, or the connection itself).
+    Close,
+    /// The socket is gone (a write failed, or every outbox handle went).
+    Gone,
+}
+
+impl Session {
+    /// Serves the connection until it is to close. Returns `None` when the socket is gone,
+    /// else whether the client already sent its close frame.
+    async fn serve(&mut self, room: &RoomHandle) -> Option<bool> {
         loop {
-            let msg = tokio::select! {
-                msg = stream.next() => msg,
-                () = self.out.closed() => return,
-                () = &mut timer => {
-                    let refusal = if !admitted {
-                        Some((Refused::FirstMessageTimeout, CloseCode::Policy, format!(
-                            "no valid message within {:?} of connecting", s.first_message_timeout)))
-                    } else {
-                        match s.idle_timeout {
-                            Some(idle) if last_frame + idle <= Instant::now() => Some((
-                                Refused::IdleTimeout, CloseCode::GoingAway,
-                                format!("idle for {idle:?}"))),
-                            Some(idle) => {
-                                timer.as_mut().reset(last_frame + idle);
-                                None
-                            }
-                            None => {
-                                timer.as_mut().reset(far_future());
-                                None
-                            }
-                        }
-                    };
-                    match refusal {
-                        Some((metric, code, reason)) => {
-                            METRICS.refused.inc(metric);
-                            self.close(code, reason);
-                            return;
-                        }
-                        None => continue,
-                    }
+            while let Some(incoming) = self.inbox.pop_front() {
+                self.seen = true;
+                match incoming {
+                    Incoming::Binary(frame) => self.on_message(frame, room).await,
+                    Incoming::Text => self.close(
+                        CloseCode::InvalidData,
+                        "text frames are not part of the protocol".to_string(),
+                    ),
+                    Incoming::Ping(payload) => self.socket.pong(payload),
+                    Incoming::Pong => {}
+                    Incoming::Close => return Some(true),
                 }
-            };
-            self.seen.store(true, Ordering::Relaxed);
-            let refusal = match msg {
-                None => return,
-                Some(Ok(WsMessage::Binary(frame))) => {
-                    METRICS.frames_in.inc();
-                    METRICS.bytes_in.add(frame.len() as u64);
-                    last_frame = Instant::now();
-                    if !messages.take(1, last_frame) {
-                        METRICS.refused.inc(Refused::RateLimit);
-                        (
-                            CloseCode::RateLimited,
-                            format!("more than {} messages per second", s.rate_messages),
-                        )
-                    } else if !bytes.take(frame.len() as u64, last_frame) {
-                        METRICS.refused.inc(Refused::RateLimit);
-                        (
-                            CloseCode::RateLimited,
-                            format!("more than {} bytes per second", s.rate_bytes),
-                        )
-                    } else {
-                        // Boxed: its state (about 800 bytes) would otherwise sit in every
-                        // idle connection's task, which waits for the next message here.
-                        let handled =
-                            Box::pin(handle_frame(frame, self.room, self.conn, self.perms)).await;
-                        match handled {
-                            Ok(()) => {
-                                if !admitted {
-                                    admitted = true;
-                                    timer.as_mut().reset(match s.idle_timeout {
-                                        Some(idle) => last_frame + idle,
-                                        None => far_future(),
-                                    });
-                                }
-                                continue;
-                            }
-                            Err(FrameError::RoomGone) => {
-                                (CloseCode::Restarting, "room restarting".to_string())
-                            }
-                            Err(FrameError::Refused(code, reason)) => (code, reason),
-                        }
-                    }
+                if self.out.close_request().is_some() {
+                    self.inbox.clear();
                 }
-                Some(Ok(WsMessage::Text(_))) => (
-                    CloseCode::InvalidData,
-                    "text frames are not part of the protocol".to_string(),
-                ),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
-                Some(Ok(WsMessage::Close(_))) => return,
-                Some(Err(e)) => match classify(&e) {
-                    Some(refusal) => refusal,
+            }
+            match poll_fn(|cx| self.poll_step(cx)).await {
+                Step::Read => {}
+                Step::ReadFailed(e) => match classify(&e) {
+                    Some((code, reason)) => self.close(code, reason),
                     None => {
-                        debug!(error = %e, "socket error");
-                        return;
+                        debug!(error = %e, "socket ends");
+                        return None;
                     }
                 },
-            };
-            let (code, reason) = refusal;
-            self.close(code, reason);
-            return;
+                Step::Timer => self.on_timer(),
+                Step::Close => return Some(false),
+                Step::Gone => return None,
+            }
         }
+    }
+
+    /// Writes what is queued, then waits for the outbox, the timer or the client.
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let mut written = Written::default();
+        let step = loop {
+            let blocked = match self.socket.poll_write(
+                cx,
+                &mut self.rx,
+                self.settings.write_buffer_bytes,
+                &mut written,
+            ) {
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "write failed");
+                    break Some(Step::Gone);
+                }
+                Poll::Pending => true,
+            };
+            match self.rx.poll_signal(cx) {
+                Poll::Ready(Signal::Close(_)) => break Some(Step::Close),
+                Poll::Ready(Signal::Ended) => break Some(Step::Gone),
+                Poll::Ready(Signal::Frames) if !blocked => continue,
+                _ => break None,
+            }
+        };
+        if written.messages > 0 {
+            METRICS.frames_out.add(written.messages);
+            METRICS.bytes_out.add(written.bytes);
+        }
+        if let Some(step) = step {
+            return Poll::Ready(step);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Step::Timer);
+        }
+        match self.socket.poll_read(cx, &mut self.inbox) {
+            Poll::Ready(Ok(())) => Poll::Ready(Step::Read),
+            Poll::Ready(Err(e)) => Poll::Ready(Step::ReadFailed(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Sets the timer to the nearest deadline.
+    fn arm(&mut self) {
+        let at = self.ping_at.min(self.limit_at);
+        self.timer.as_mut().reset(at);
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        let s = &self.settings;
+        if now >= self.limit_at {
+            if !self.admitted {
+                METRICS.refused.inc(Refused::FirstMessageTimeout);
+                let reason = format!(
+                    "no valid message within {:?} of connecting",
+                    s.first_message_timeout
+                );
+                self.close(CloseCode::Policy, reason);
+                return;
+            }
+            match s.idle_timeout {
+                Some(idle) if self.last_frame + idle <= now => {
+                    METRICS.refused.inc(Refused::IdleTimeout);
+                    self.close(CloseCode::GoingAway, format!("idle for {idle:?}"));
+                    return;
+                }
+                Some(idle) => self.limit_at = self.last_frame + idle,
+                None => self.limit_at = far_future(),
+            }
+        }
+        if now >= self.ping_at {
+            if !std::mem::take(&mut self.seen) {
+                self.close(CloseCode::GoingAway, "ping timeout".to_string());
+                return;
+            }
+            self.socket.ping();
+            self.ping_at = now + s.ping_interval;
+        }
+        self.arm();
+    }
+
+    /// Checks a binary message against the rate limits and hands it to the room.
+    async fn on_message(&mut self, frame: Bytes, room: &RoomHandle) {
+        let s = &self.settings;
+        METRICS.frames_in.inc();
+        METRICS.bytes_in.add(frame.len() as u64);
+        self.last_frame = Instant::now();
+        let refusal = if !self.messages.take(1, self.last_frame) {
+            METRICS.refused.inc(Refused::RateLimit);
+            (
+                CloseCode::RateLimited,
+                format!("more than {} messages per second", s.rate_messages),
+            )
+        } else if !self.bytes.take(frame.len() as u64, self.last_frame) {
+            METRICS.refused.inc(Refused::RateLimit);
+            (
+                CloseCode::RateLimited,
+                format!("more than {} bytes per second", s.rate_bytes),
+            )
+        } else {
+            // Boxed: its state (about 800 bytes) would otherwise sit in every idle
+            // connection's task.
+            match Box::pin(handle_frame(frame, room, self.conn, self.perms)).await {
+                Ok(()) => {
+                    if !self.admitted {
+                        self.admitted = true;
+                        self.limit_at = match s.idle_timeout {
+                            Some(idle) => self.last_frame + idle,
+                            None => far_future(),
+                        };
+                        self.arm();
+                    }
+                    return;
+                }
+                Err(FrameError::RoomGone) => (CloseCode::Restarting, "room restarting".to_string()),
+                Err(FrameError::Refused(code, reason)) => (code, reason),
+            }
+        };
+        self.close(refusal.0, refusal.1);
     }
 
     fn close(&self, code: CloseCode, reason: String) {
@@ -401,19 +489,12 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
-/// Maps a socket read error to a refusal, or `None` when the socket is simply gone.
-fn classify(e: &WsError) -> Option<(CloseCode, String)> {
-    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+/// Maps a failed read to a refusal, or `None` when the socket is simply gone.
+fn classify(e: &SocketError) -> Option<(CloseCode, String)> {
     match e {
-        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some((
-            CloseCode::TooBig,
-            format!("message of {size} bytes exceeds the {max_size}-byte limit"),
-        )),
-        WsError::Capacity(c) => Some((CloseCode::TooBig, c.to_string())),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Protocol(p) => Some((CloseCode::ProtocolError, p.to_string())),
-        WsError::Utf8(_) => Some((CloseCode::InvalidData, "invalid UTF-8".to_string())),
-        _ => None,
+        SocketError::Read(ReadError::TooBig { .. }) => Some((CloseCode::TooBig, e.to_string())),
+        SocketError::Read(e) => Some((CloseCode::ProtocolError, e.to_string())),
+        SocketError::Io(_) | SocketError::Eof => None,
     }
 }
 
@@ -496,137 +577,4 @@ async fn handle_frame(
         room.send(cmd).await?;
     }
     Ok(())
-}
-
-/// Writes the outbox to the socket, coalescing queued frames into one flush, and pings.
-async fn write_loop<S>(
-    mut sink: S,
-    mut rx: OutboxReceiver,
-    settings: Arc<SessionSettings>,
-    seen: Arc<AtomicBool>,
-) where
-    S: Sink<WsMessage, Error = WsError> + Unpin,
-{
-    let close_signal = rx.close_signal();
-    let mut ping = tokio::time::interval(settings.ping_interval);
-    ping.tick().await;
-    let close = loop {
-        let next = tokio::select! {
-            next = rx.next() => next,
-            _ = ping.tick() => {
-                if !seen.swap(false, Ordering::Relaxed) {
-                    break Some((CloseCode::GoingAway, "ping timeout".into()));
-                }
-                if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                    break None;
-                }
-                continue;
-            }
-        };
-        match next {
-            Next::Frame(first) => {
-                // A blocked socket (a reader that stopped reading) must not keep a close waiting.
-                let written = tokio::select! {
-                    r = write_batch(&mut sink, &mut rx, first, settings.max_coalesce_frames) => r,
-                    req = close_signal.requested() => break Some((req.code, req.reason)),
-                };
-                if written.is_err() {
-                    break None;
-                }
-            }
-            Next::Close(req) => break Some((req.code, req.reason)),
-            Next::Ended => break None,
-        }
-    };
-    if let Some((code, reason)) = close {
-        let frame = CloseFrame {
-            code: code.code().into(),
-            reason: clip_reason(&reason).into(),
-        };
-        let _ = tokio::time::timeout(settings.close_timeout, async {
-            let _ = sink.send(WsMessage::Close(Some(frame))).await;
-            let _ = sink.close().await;
-        })
-        .await;
-    }
-}
-
-/// A close reason must fit in 123 bytes; cut at a character boundary.
-fn clip_reason(reason: &str) -> &str {
-    const MAX: usize = 123;
-    if reason.len() <= MAX {
-        return reason;
-    }
-    let mut end = MAX;
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    &reason[..end]
-}
-
-/// Feeds `first` and whatever else is already queued, then flushes once.
-async fn write_batch<S>(
-    sink: &mut S,
-    rx: &mut OutboxReceiver,
-    first: Bytes,
-    max: usize,
-) -> Result<(), WsError>
-where
-    S: Sink<WsMessage, Error = WsError> + Unpin,
-{
-    let mut frame = Some(first);
-    let (mut frames, mut bytes) = (0, 0);
-    while let Some(f) = frame.take() {
-        let len = f.len();
-        feed_fragmented(sink, f).await?;
-        rx.written(len);
-        frames += 1;
-        bytes += len as u64;
-        if frames < max {
-            frame = rx.try_next_frame();
-        }
-    }
-    METRICS.frames_out.add(frames as u64);
-    METRICS.bytes_out.add(bytes);
-    sink.flush().await
-}
-
-/// Messages larger than this leave in fragments of this size. tungstenite formats each frame
-/// whole into the connection's write buffer and keeps the buffer's capacity: one frame per
-/// message would leave every connection that was once sent a large document holding a buffer
-/// that large.
-const FRAGMENT_BYTES: usize = 16 << 10;
-
-/// Feeds one binary message, in fragments if it is large.
-async fn feed_fragmented<S>(sink: &mut S, message: Bytes) -> Result<(), WsError>
-where
-    S: Sink<WsMessage, Error = WsError> + Unpin,
-{
-    if message.len() <= FRAGMENT_BYTES {
-        return sink.feed(WsMessage::Binary(message)).await;
-    }
-    let mut rest = message;
-    let mut opcode = OpCode::Data(Data::Binary);
-    while !rest.is_empty() {
-        let part = rest.split_to(rest.len().min(FRAGMENT_BYTES));
-        let last = rest.is_empty();
-        sink.feed(WsMessage::Frame(Frame::message(part, opcode, last)))
-            .await?;
-        opcode = OpCode::Data(Data::Continue);
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::clip_reason;
-
-    #[test]
-    fn close_reasons_are_clipped_to_123_bytes_on_a_char_boundary() {
-        assert_eq!(clip_reason("short"), "short");
-        let long = "é".repeat(100);
-        let clipped = clip_reason(&long);
-        assert!(clipped.len() <= 123);
-        assert_eq!(clipped.len(), 122);
-    }
 }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -213,6 +213,17 @@ pub enum Next {
     Ended,
 }
 
+/// What [`OutboxReceiver::poll_signal`] found.
+#[derive(Debug)]
+pub enum Signal {
+    /// Frames are queued.
+    Frames,
+    /// Close with this request; queued frames are abandoned.
+    Close(CloseRequest),
+    /// Every sender is gone.
+    Ended,
+}
+
 impl OutboxReceiver {
     /// Waits for the next frame or close request; a close request wins over queued frames.
     pub async fn next(&mut self) -> Next {
@@ -239,6 +250,23 @@ impl OutboxReceiver {
             return Some(Next::Frame(frame));
         }
         (self.shared.senders.load(Ordering::Acquire) == 0).then_some(Next::Ended)
+    }
+
+    /// Whether the outbox has something for the connection; if not, the task in `cx` is woken
+    /// when it does. The task is woken on every push and close request either way, so a
+    /// connection whose socket is full still hears of a close request.
+    pub fn poll_signal(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
+        self.shared.waker.register(cx.waker());
+        if let Some(req) = self.shared.close.get() {
+            return Poll::Ready(Signal::Close(req.clone()));
+        }
+        if !self.shared.frames().is_empty() {
+            return Poll::Ready(Signal::Frames);
+        }
+        if self.shared.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(Signal::Ended);
+        }
+        Poll::Pending
     }
 
     /// A frame that is already queued, without waiting (for coalescing writes).
