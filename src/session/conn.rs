@@ -208,32 +208,7 @@ async fn run(
 ) {
     METRICS.connections_opened.inc();
     METRICS.connections_open.inc();
-    let (out, rx) = outbox(settings.outbox_bytes);
-    let now = Instant::now();
-    let mut session = Box::new(Session {
-        socket: *socket,
-        inbox: VecDeque::new(),
-        rx,
-        out,
-        timer: Box::pin(tokio::time::sleep(settings.first_message_timeout)),
-        ping_at: now + settings.ping_interval,
-        limit_at: now + settings.first_message_timeout,
-        seen: true,
-        admitted: false,
-        last_frame: now,
-        messages: TokenBucket::new(
-            settings.rate_messages,
-            settings.rate_messages.saturating_mul(2),
-        ),
-        bytes: TokenBucket::new(
-            settings.rate_bytes,
-            (settings.max_message_bytes as u64).max(settings.rate_bytes),
-        ),
-        settings: settings.clone(),
-        conn,
-        perms,
-    });
-    session.arm();
+    let mut session = Session::new(socket, &settings, conn, perms);
 
     // Boxed: joining takes more state than waiting for messages, for a moment only.
     let answered = match Box::pin(hub.join(&room, conn, session.out.clone())).await {
@@ -318,6 +293,43 @@ enum Step {
 }
 
 impl Session {
+    /// A session over `socket`, moved out of its box here so that the box is freed at once
+    /// (a box moved out of in an async function is freed only when the function ends).
+    fn new(
+        socket: Box<WsSocket<Stream>>,
+        settings: &Arc<SessionSettings>,
+        conn: ConnId,
+        perms: Permissions,
+    ) -> Box<Self> {
+        let (out, rx) = outbox(settings.outbox_bytes);
+        let now = Instant::now();
+        let mut session = Box::new(Session {
+            socket: *socket,
+            inbox: VecDeque::new(),
+            rx,
+            out,
+            timer: Box::pin(tokio::time::sleep(settings.first_message_timeout)),
+            ping_at: now + settings.ping_interval,
+            limit_at: now + settings.first_message_timeout,
+            seen: true,
+            admitted: false,
+            last_frame: now,
+            messages: TokenBucket::new(
+                settings.rate_messages,
+                settings.rate_messages.saturating_mul(2),
+            ),
+            bytes: TokenBucket::new(
+                settings.rate_bytes,
+                (settings.max_message_bytes as u64).max(settings.rate_bytes),
+            ),
+            settings: settings.clone(),
+            conn,
+            perms,
+        });
+        session.arm();
+        session
+    }
+
     /// Serves the connection until it is to close. Returns `None` when the socket is gone,
     /// else whether the client already sent its close frame.
     async fn serve(&mut self, room: &RoomHandle) -> Option<bool> {
