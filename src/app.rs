@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use axum::serve::ListenerExt;
+use tracing::{debug, info, warn};
 
 use crate::auth::{keys, Authenticator, KeyError};
 use crate::broker::memory::MemoryBus;
@@ -142,6 +143,14 @@ impl App {
         let broker = self.broker;
         let task = tokio::spawn(async move {
             info!(%addr, node = %config.node_id, "listening on {addr}");
+            // Frames leave as soon as they are written: without TCP_NODELAY, Nagle's algorithm
+            // holds a small frame back while an earlier one is unacknowledged (up to the
+            // client's delayed ACK, tens of milliseconds).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
             let served = axum::serve(
                 listener,
                 router.into_make_service_with_connect_info::<SocketAddr>(),
