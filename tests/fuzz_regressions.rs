@@ -804,3 +804,31 @@ fn deleted_map_values_merged_into_one_item_pass_and_survive_a_reload() {
     let value = txn.get_map("m").unwrap().get(&txn, "k");
     assert_eq!(value.map(|v| v.to_string(&txn)), Some("two".into()));
 }
+
+/// Found by the `connection` target built with debug assertions (session 5): a sync step 1
+/// whose state vector names a client id past 53 bits reached yrs' reader, which asserts (in
+/// debug builds) that ids fit in 53 bits and, in release builds, silently merges such an id
+/// with another. State vectors are now read strictly before yrs sees them.
+#[test]
+fn state_vectors_with_ids_past_53_bits_or_trailing_bytes_are_refused() {
+    let refused =
+        |sv: &[u8]| matches!(check_state_vector(sv), Err(DocError::InvalidStateVector(_)));
+    // The fuzzer's state vector: two entries, the first client id ten bytes long.
+    let found = [
+        0x02, 0xff, 0xff, 0x83, 0x83, 0x83, 0x83, 0x83, 0x83, 0x83, 0xff, 0x04, 0xff, 0x01, 0x00,
+    ];
+    assert!(refused(&found));
+    // 2^53 as a client id; a clock past 32 bits; a byte after the last entry.
+    assert!(refused(&[
+        1, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10, 0
+    ]));
+    assert!(refused(&[1, 5, 0x80, 0x80, 0x80, 0x80, 0x10]));
+    assert!(refused(&[1, 5, 3, 0]));
+    // What clients send: 2^53 - 1 and a 32-bit clock pass, as does the empty state vector.
+    assert!(check_state_vector(&[0]).is_ok());
+    let mut honest = vec![2];
+    tandem_protocol::lib0::write_var_uint(&mut honest, (1 << 53) - 1);
+    tandem_protocol::lib0::write_var_uint(&mut honest, u64::from(u32::MAX));
+    honest.extend_from_slice(&[7, 3]);
+    assert!(check_state_vector(&honest).is_ok());
+}

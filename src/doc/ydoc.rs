@@ -440,6 +440,25 @@ impl Fnv64 {
 pub fn check_state_vector(bytes: &[u8]) -> Result<(), DocError> {
     // Each entry is two varints: at least 2 bytes.
     plausible_count(bytes, 2).map_err(DocError::InvalidStateVector)?;
+    // Read strictly first (client ids within 53 bits, clocks within 32, nothing after): yrs
+    // reads a client id as any 64-bit number, merges ids past 53 bits with others (a debug
+    // assertion in yrs, found by the `connection` fuzz target), and ignores trailing bytes.
+    let invalid = |e: String| DocError::InvalidStateVector(e);
+    let mut dec = tandem_protocol::lib0::Decoder::new(bytes);
+    let count = dec.read_var_uint().map_err(|e| invalid(e.to_string()))?;
+    for _ in 0..count {
+        dec.read_var_uint().map_err(|e| invalid(e.to_string()))?;
+        let clock = dec.read_var_uint().map_err(|e| invalid(e.to_string()))?;
+        if clock > u64::from(u32::MAX) {
+            return Err(invalid(format!("clock {clock} does not fit in 32 bits")));
+        }
+    }
+    if !dec.is_empty() {
+        return Err(invalid(format!(
+            "{} bytes after the last entry",
+            dec.remaining().len()
+        )));
+    }
     contain(|| StateVector::decode_v1(bytes))?
         .map(drop)
         .map_err(|e| DocError::InvalidStateVector(e.to_string()))
