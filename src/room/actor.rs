@@ -258,12 +258,15 @@ impl Actor {
             RoomCommand::SyncStep1 { conn, state_vector } => {
                 self.answer_step1(conn, &state_vector)?
             }
-            RoomCommand::Update { conn, update } => self.apply(conn, update).await?,
+            RoomCommand::Update { conn, update } => self.apply(conn, *update).await?,
             RoomCommand::Awareness {
                 conn,
                 message,
-                payload,
-            } => self.relay_awareness(conn, message, &payload),
+                payload_at,
+            } => {
+                let payload = message.slice(payload_at as usize..);
+                self.relay_awareness(conn, message, &payload)
+            }
             RoomCommand::Remote { envelope } => self.remote(envelope)?,
             RoomCommand::NodeGone { node } => {
                 self.known_nodes.remove(&node);

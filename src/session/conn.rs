@@ -552,7 +552,10 @@ async fn handle_frame(
             Message::Sync(SyncMessage::Step2(u) | SyncMessage::Update(u)) => {
                 let update = DecodedUpdate::decode(frame.slice_ref(u))
                     .map_err(|e| FrameError::Refused(CloseCode::InvalidData, e.to_string()))?;
-                RoomCommand::Update { conn, update }
+                RoomCommand::Update {
+                    conn,
+                    update: Box::new(update),
+                }
             }
             Message::Awareness(_) if !perms.awareness => {
                 METRICS.readonly_writes_dropped.inc();
@@ -566,7 +569,8 @@ async fn handle_frame(
                 RoomCommand::Awareness {
                     conn,
                     message: frame.slice_ref(raw),
-                    payload: frame.slice_ref(payload),
+                    // Within one frame of at most the message size limit.
+                    payload_at: (payload.as_ptr() as usize - raw.as_ptr() as usize) as u32,
                 }
             }
             Message::QueryAwareness => RoomCommand::QueryAwareness { conn },
