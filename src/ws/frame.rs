@@ -179,20 +179,27 @@ pub fn clip_reason(reason: &str) -> &str {
     &reason[..end]
 }
 
+/// A client's frame (masked with `mask`), for tests.
+#[cfg(test)]
+pub(crate) fn masked(fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_header(&mut out, fin, opcode, payload.len());
+    out[1] |= 0x80;
+    out.extend_from_slice(&mask);
+    let mut body = payload.to_vec();
+    unmask(&mut body, mask, 0);
+    out.extend_from_slice(&body);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A client frame: masked with `mask`.
+    /// A client frame whose first header byte is `b0` (FIN, RSV, opcode as given).
     fn client_frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = Vec::new();
-        write_header(&mut out, b0 & 0x80 != 0, OpCode::Binary, payload.len());
+        let mut out = masked(b0 & 0x80 != 0, OpCode::Binary, payload, mask);
         out[0] = b0;
-        out[1] |= 0x80;
-        out.extend_from_slice(&mask);
-        let mut body = payload.to_vec();
-        unmask(&mut body, mask, 0);
-        out.extend_from_slice(&body);
         out
     }
 

@@ -187,18 +187,10 @@ impl Inbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::write_header;
+    use crate::ws::frame::masked;
 
     fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let mut out = Vec::new();
-        write_header(&mut out, fin, opcode, payload.len());
-        out[1] |= 0x80;
-        out.extend_from_slice(&mask);
-        let mut body = payload.to_vec();
-        unmask(&mut body, mask, 0);
-        out.extend_from_slice(&body);
-        out
+        masked(fin, opcode, payload, [0x12, 0x34, 0x56, 0x78])
     }
 
     /// Feeds `bytes` in pieces of `step`.
