@@ -214,7 +214,11 @@ fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WsUpgrade) -> Respon
         }),
     };
     let max_message = state.session.max_message_bytes;
+    // One box for what the connection needs once upgraded: the closure's captures stay in the
+    // connection's task for as long as it lives.
+    let parts = Box::new((state, room, peer, verdict, slot));
     ws.on_upgrade(token::SUBPROTOCOL, max_message, move |socket| {
+        let (state, room, peer, verdict, slot) = *parts;
         let HttpState {
             hub,
             session,

@@ -98,37 +98,41 @@ pub struct Refusal {
 
 /// Serves one upgraded socket until it closes.
 ///
-/// The socket comes boxed: every async function it passes through keeps a slot for its
-/// arguments for as long as it runs.
-pub async fn serve(
+/// A plain function that returns the connection's future, which captures only what it needs:
+/// an async function keeps its arguments in its future for as long as it runs, even after
+/// they were moved on, and every idle connection's task is that future.
+pub fn serve(
     socket: Box<WsSocket<Stream>>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     admission: Admission,
-) {
+) -> impl Future<Output = ()> + Send {
     let conn = ConnId::next();
-    let user = admission
-        .verdict
-        .as_ref()
-        .map_or("-", |g| g.user.as_str())
-        .to_string();
-    let span = tracing::info_span!("conn", conn = %conn, room = %admission.room, peer = %admission.peer, user = %user);
+    let Admission {
+        room,
+        peer,
+        verdict,
+        readonly_awareness,
+        slot,
+    } = admission;
+    let user = verdict.as_ref().map_or("-", |g| g.user.as_str());
+    let span = tracing::info_span!("conn", conn = %conn, room = %room, peer = %peer, user = %user);
+    // The refusal boxed: the rare path must not size every connection's task.
+    let outcome = match verdict {
+        Ok(grant) => Ok(Permissions {
+            write: grant.access == Access::ReadWrite,
+            awareness: grant.access == Access::ReadWrite || readonly_awareness,
+        }),
+        Err(refusal) => Err(Box::new(refusal)),
+    };
     async move {
-        match admission.verdict {
-            Ok(grant) => {
-                let perms = Permissions {
-                    write: grant.access == Access::ReadWrite,
-                    awareness: grant.access == Access::ReadWrite || admission.readonly_awareness,
-                };
-                run(socket, hub, settings, admission.room, conn, perms).await;
-            }
-            // Boxed: the rare path must not size every connection's task.
-            Err(refusal) => Box::pin(refuse(socket, &settings, refusal)).await,
+        match outcome {
+            Ok(perms) => run(socket, hub, settings, room, conn, perms).await,
+            Err(refusal) => Box::pin(refuse(socket, &settings, *refusal)).await,
         }
-        drop(admission.slot);
+        drop(slot);
     }
     .instrument(span)
-    .await;
 }
 
 /// Tells a refused client why and closes.
