@@ -354,6 +354,10 @@ impl Session {
                     self.inbox.clear();
                 }
             }
+            // An idle connection keeps no buffer, not even the inbox's.
+            if self.inbox.capacity() > 0 {
+                self.inbox = VecDeque::new();
+            }
             match poll_fn(|cx| self.poll_step(cx)).await {
                 Step::Read => {}
                 Step::ReadFailed(e) => match classify(&e) {
