@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tandem_protocol::CloseCode;
-use tokio_util::sync::CancellationToken;
 
 /// Why and how a connection is being closed by the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +40,9 @@ pub enum PushError {
 /// pop: one connection's outbox costs a few hundred bytes while it is idle (a channel's first
 /// block alone took a kilobyte), which matters at hundreds of thousands of idle connections.
 struct Shared {
-    /// Frames pushed and not yet taken by the writer.
+    /// Frames pushed and not yet taken by the connection.
     frames: Mutex<VecDeque<Bytes>>,
-    /// The writer waiting for a frame, a close request or the end.
+    /// The connection waiting for a frame, a close request or the end.
     waker: AtomicWaker,
     /// Live [`Outbox`] handles; none left means the end.
     senders: AtomicUsize,
@@ -54,8 +53,6 @@ struct Shared {
     budget: usize,
     /// Set once, by the first close request; later requests are ignored.
     close: OnceLock<CloseRequest>,
-    /// Cancelled right after `close` is set; both halves of the connection wait on it.
-    closed: CancellationToken,
 }
 
 impl Shared {
@@ -95,7 +92,7 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// The receiving side, owned by the connection's writer.
+/// The receiving side, owned by the connection.
 pub struct OutboxReceiver {
     shared: Arc<Shared>,
 }
@@ -120,7 +117,6 @@ pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
         queued: AtomicUsize::new(0),
         budget,
         close: OnceLock::new(),
-        closed: CancellationToken::new(),
     });
     (
         Outbox {
@@ -166,14 +162,8 @@ impl Outbox {
             })
             .is_ok()
         {
-            self.shared.closed.cancel();
             self.shared.waker.wake();
         }
-    }
-
-    /// Waits until a close is requested.
-    pub async fn closed(&self) {
-        self.shared.closed.cancelled().await;
     }
 
     /// The close request, once one was made.
@@ -187,22 +177,7 @@ impl Outbox {
     }
 }
 
-/// Waits for a connection's close request; see [`OutboxReceiver::close_signal`].
-pub struct CloseSignal(Arc<Shared>);
-
-impl CloseSignal {
-    /// Waits until a close is requested and returns it.
-    pub async fn requested(&self) -> CloseRequest {
-        self.0.closed.cancelled().await;
-        let normal = || CloseRequest {
-            code: CloseCode::Normal,
-            reason: Cow::Borrowed(""),
-        };
-        self.0.close.get().cloned().unwrap_or_else(normal)
-    }
-}
-
-/// What the writer should do next.
+/// What the connection should do next.
 #[derive(Debug)]
 pub enum Next {
     /// Write this frame.
@@ -281,21 +256,6 @@ impl OutboxReceiver {
     pub fn written(&self, len: usize) {
         self.shared.queued.fetch_sub(len, Ordering::AcqRel);
     }
-
-    /// A handle that waits for the close request without borrowing the receiver.
-    pub fn close_signal(&self) -> CloseSignal {
-        CloseSignal(self.shared.clone())
-    }
-
-    /// Waits until a close is requested.
-    pub async fn close_requested(&self) -> CloseRequest {
-        self.shared.closed.cancelled().await;
-        self.shared
-            .close
-            .get()
-            .cloned()
-            .expect("set before the token is cancelled")
-    }
 }
 
 #[cfg(test)]
@@ -349,7 +309,8 @@ mod tests {
         let (tx, rx) = outbox(10);
         tx.close(CloseCode::InvalidData, "bad");
         tx.close(CloseCode::Restarting, "later");
-        assert_eq!(rx.close_requested().await.code, CloseCode::InvalidData);
+        let mut rx = rx;
+        assert!(matches!(rx.next().await, Next::Close(r) if r.code == CloseCode::InvalidData));
     }
 
     #[tokio::test]
