@@ -832,3 +832,41 @@ fn state_vectors_with_ids_past_53_bits_or_trailing_bytes_are_refused() {
     honest.extend_from_slice(&[7, 3]);
     assert!(check_state_vector(&honest).is_ok());
 }
+
+/// Finding 17: found by the `connection` target at the end of session 5 (minimised to 40 bytes,
+/// three updates from one writer). Client 7 types "hi" into a root type; then an update repeats
+/// client 7's clock 0, three characters long, as if written into another root type. yrs
+/// integrates only the new third character, with the last held clock as its left origin: it
+/// joins the first type's sequence but is counted in the other type's length, and deleting all
+/// three characters then underflows a length inside yrs (a panic; with overflow checks, as
+/// in tandem's release build, the room is discarded). Now refused: a block that continues held
+/// clocks must lie where they do.
+#[test]
+fn a_block_that_continues_held_clocks_in_another_type_is_refused() {
+    let mut room = YDoc::new();
+    let decode = |bytes: &[u8]| DecodedUpdate::decode(Bytes::copy_from_slice(bytes)).unwrap();
+    room.apply_checked(decode(&[1, 1, 7, 0, 4, 1, 1, 3, 2, b'h', b'i', 0]))
+        .unwrap();
+    let before = room.sync_summary();
+    let refused = room.apply_checked(decode(&[1, 1, 7, 0, 4, 1, 0, 3, 2, b'h', b'i', 0]));
+    assert!(
+        matches!(
+            refused,
+            Err(DocError::Misplaced(Misplaced::Overlap {
+                client: 7,
+                clock: 0
+            }))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(room.compare(&before.0, &before.1).unwrap(), SAME);
+    // The deletion that made yrs panic now applies to what the room holds.
+    room.apply_checked(decode(&[0, 1, 7, 1, 0, 2])).unwrap();
+    // A repeat in the same place (a sync step 2 overlapping updates that came first) passes.
+    let mut room = YDoc::new();
+    room.apply_checked(decode(&[1, 1, 7, 0, 4, 1, 1, b't', 2, b'h', b'i', 0]))
+        .unwrap();
+    room.apply_checked(decode(&[1, 1, 7, 0, 4, 1, 1, b't', 3, b'h', b'i', b'!', 0]))
+        .unwrap();
+    assert_eq!(text(room.doc(), "t"), "hi!");
+}

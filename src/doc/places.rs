@@ -49,6 +49,18 @@ pub enum Misplaced {
         /// The item's clock.
         clock: u32,
     },
+    /// It starts inside what the document already holds of its client, and names another
+    /// place than the held clocks it continues.
+    #[error(
+        "block {client}:{clock} repeats clocks the document holds and continues them in another \
+         type or map entry"
+    )]
+    Overlap {
+        /// The item's client.
+        client: u64,
+        /// The item's clock.
+        clock: u32,
+    },
     /// It is a live value of a map entry that spans more than one clock.
     #[error(
         "block {client}:{clock} is a map entry's value {len} clocks long that the update does \
@@ -159,6 +171,23 @@ impl Places {
                     }
                 }
             };
+            // A block that starts inside what the document holds of its client: yrs integrates
+            // only its new part, with the last held clock as its left origin, whatever the
+            // block names as its parent or origins. That clock must lie where the block does.
+            let client = shape.clients()[i].client;
+            let have = held(client);
+            if strict && block.clock < have && place != UNKNOWN {
+                let prefix = self.get(Id {
+                    client,
+                    clock: have - 1,
+                });
+                if prefix != UNKNOWN && prefix != place {
+                    return Err(Misplaced::Overlap {
+                        client,
+                        clock: block.clock,
+                    });
+                }
+            }
             of_block[shape.block_index((i, j))] = place;
             if strict && block.len > 1 && !block.content_deleted && self.keyed(&placed, place) {
                 long_entries.push((shape.clients()[i].client, block.clock, block.len));
