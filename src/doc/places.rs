@@ -171,12 +171,12 @@ impl Places {
                     }
                 }
             };
-            // A block that starts inside what the document holds of its client: yrs integrates
-            // only its new part, with the last held clock as its left origin, whatever the
+            // A block that starts inside what the document holds of its client and goes past
+            // it: yrs integrates only its new part, with the last held clock as its left origin, whatever the
             // block names as its parent or origins. That clock must lie where the block does.
             let client = shape.clients()[i].client;
             let have = held(client);
-            if strict && block.clock < have && place != UNKNOWN {
+            if strict && block.clock < have && have < block.clock + block.len && place != UNKNOWN {
                 let prefix = self.get(Id {
                     client,
                     clock: have - 1,
