@@ -172,8 +172,9 @@ impl Places {
                 }
             };
             // A block that starts inside what the document holds of its client and goes past
-            // it: yrs integrates only its new part, with the last held clock as its left origin, whatever the
-            // block names as its parent or origins. That clock must lie where the block does.
+            // it: yrs integrates only its new part, with the last held clock as its left
+            // origin, whatever the block names as its parent or origins. That clock must lie
+            // where the block does.
             let client = shape.clients()[i].client;
             let have = held(client);
             if strict && block.clock < have && have < block.clock + block.len && place != UNKNOWN {
@@ -190,7 +191,7 @@ impl Places {
             }
             of_block[shape.block_index((i, j))] = place;
             if strict && block.len > 1 && !block.content_deleted && self.keyed(&placed, place) {
-                long_entries.push((shape.clients()[i].client, block.clock, block.len));
+                long_entries.push((client, block.clock, block.len));
             }
         }
         if !long_entries.is_empty() {

@@ -438,11 +438,10 @@ impl Fnv64 {
 
 /// Validates an encoded state vector without using it.
 pub fn check_state_vector(bytes: &[u8]) -> Result<(), DocError> {
-    // Each entry is two varints: at least 2 bytes.
-    plausible_count(bytes, 2).map_err(DocError::InvalidStateVector)?;
-    // Read strictly first (client ids within 53 bits, clocks within 32, nothing after): yrs
-    // reads a client id as any 64-bit number, merges ids past 53 bits with others (a debug
-    // assertion in yrs, found by the `connection` fuzz target), and ignores trailing bytes.
+    // Read strictly first, entry by entry (so a huge claimed count allocates nothing): client
+    // ids within 53 bits, clocks within 32, nothing after. yrs reads a client id as any 64-bit
+    // number, merges ids past 53 bits with others (a debug assertion in yrs, found by the
+    // `connection` fuzz target), ignores trailing bytes, and reserves for the claimed count.
     let invalid = |e: String| DocError::InvalidStateVector(e);
     let mut dec = tandem_protocol::lib0::Decoder::new(bytes);
     let count = dec.read_var_uint().map_err(|e| invalid(e.to_string()))?;
