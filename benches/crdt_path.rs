@@ -27,6 +27,7 @@ use tandem::store::memory::MemoryStore;
 use tandem::store::postgres::{PostgresOptions, PostgresStore};
 use tandem::store::sqlite::SqliteStore;
 use tandem::store::{Append, Store};
+use tandem::ws::WsWriter;
 use tandem_protocol::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, GetString, Options, ReadTxn, StateVector, Text, Transact, Update};
@@ -379,7 +380,7 @@ fn room_path(stream: &[Bytes], rt: &tokio::runtime::Runtime) -> YDoc {
     let room = RoomId::new("bench").expect("room id");
     let origin: Arc<str> = Arc::from("bench-node");
     let store = MemoryStore::new();
-    let (out, mut rx) = outbox(32 << 20);
+    let (out, mut rx) = outbox(32 << 20, 16 << 10, WsWriter::detached());
     let mut doc = YDoc::new();
     let mut batch: Vec<Append> = Vec::with_capacity(LOG_BATCH);
     rt.block_on(async {
@@ -391,9 +392,7 @@ fn room_path(stream: &[Bytes], rt: &tokio::runtime::Runtime) -> YDoc {
             };
             let frame = Bytes::from(Message::Sync(SyncMessage::Update(&effective)).to_frame());
             out.push(frame).expect("outbox");
-            while let Some(f) = rx.try_next_frame() {
-                rx.written(f.len());
-            }
+            while rx.take().is_some() {}
             batch.push(Append {
                 room: room.clone(),
                 data: effective,

@@ -5,12 +5,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::auth::{keys, Authenticator, KeyError};
 use crate::broker::memory::MemoryBus;
@@ -143,24 +142,7 @@ impl App {
         let broker = self.broker;
         let task = tokio::spawn(async move {
             info!(%addr, node = %config.node_id, "listening on {addr}");
-            // Frames leave as soon as they are written: without TCP_NODELAY, Nagle's algorithm
-            // holds a small frame back while an earlier one is unacknowledged (up to the
-            // client's delayed ACK, tens of milliseconds).
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    debug!(error = %e, "TCP_NODELAY not set");
-                }
-            });
-            let served = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(token.clone().cancelled_owned())
-            .await;
-            if let Err(e) = served {
-                warn!(error = %e, "server error");
-                token.cancel();
-            }
+            http::serve::serve(listener, router, token.clone(), config.shutdown_timeout).await;
             info!("shutting down: closing connections and flushing rooms");
             let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
             rooms.close();

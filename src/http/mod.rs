@@ -25,6 +25,7 @@ use crate::session::{self, Refusal, SessionSettings};
 use crate::store::writer::{StoreWriter, WriterStats};
 use crate::store::DynStore;
 
+pub mod serve;
 pub mod upgrade;
 
 /// What every request handler shares.
@@ -228,7 +229,7 @@ fn upgrade_room(state: HttpState, request: Upgrade<'_>, ws: WsUpgrade) -> Respon
         } = state;
         let readonly_awareness = auth.settings().readonly_awareness;
         connections.track_future(session::serve(
-            Box::new(socket),
+            socket,
             hub,
             session,
             session::Admission {

@@ -7,14 +7,11 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
+use tracing::warn;
 
+use super::serve::ServedIo;
 use crate::ws::WsSocket;
-
-/// The byte stream under an upgraded connection: hyper's, which first replays whatever it read
-/// past the upgrade request (a client may send its first message without waiting for `101`).
-pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
 
 /// The `Sec-WebSocket-Accept` answer to a client's key (RFC 6455, section 4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
@@ -118,7 +115,7 @@ impl WsUpgrade {
         serve: F,
     ) -> Response
     where
-        F: FnOnce(WsSocket<Stream>) -> Fut + Send + 'static,
+        F: FnOnce(Box<WsSocket>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let selected = self
@@ -132,7 +129,17 @@ impl WsUpgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            serve(WsSocket::new(TokioIo::new(upgraded), max_message)).await;
+            // The TCP stream itself, taken back from hyper with whatever it read past the
+            // request: the room writes to it directly, without a wrapper or a wake-up.
+            let parts = match upgraded.downcast::<ServedIo>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    warn!("an upgraded connection is not a TCP stream; dropped");
+                    return;
+                }
+            };
+            let socket = WsSocket::new(parts.io.into_inner(), parts.read_buf, max_message);
+            serve(Box::new(socket)).await;
         });
         let mut response = (
             StatusCode::SWITCHING_PROTOCOLS,

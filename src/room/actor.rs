@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tandem_protocol::{AwarenessUpdate, CloseCode, Message, SyncMessage};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError::{Closed, Full};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +25,10 @@ use crate::metrics::{Refused, METRICS};
 use crate::session::outbox::{Outbox, PushError};
 use crate::store::writer::{CommitListener, StoreWriter, WriteRequest};
 use crate::store::{Append, Compacted, DynStore};
+use crate::ws::Written;
+
+/// Commands handled in one turn at most before the frames they produced are written.
+const COMMANDS_PER_TURN: usize = 64;
 
 /// What every room of a node shares.
 pub struct RoomContext {
@@ -72,6 +77,7 @@ pub(crate) fn spawn(
                 doc: YDoc::new(),
                 peers: HashMap::new(),
                 ack_waiters: HashSet::new(),
+                unflushed: Vec::new(),
                 awareness: Awareness::new(),
                 log: LogState::default(),
                 next_seq: 0,
@@ -136,6 +142,9 @@ struct Actor {
     peers: HashMap<ConnId, Peer>,
     /// Peers with acknowledgements or echoes waiting for a commit.
     ack_waiters: HashSet<ConnId>,
+    /// Peers with frames queued and not yet flushed: the frames of every command handled in
+    /// one turn leave together, in one write per peer, at the end of the turn.
+    unflushed: Vec<ConnId>,
     awareness: Awareness,
     log: LogState,
     next_seq: u64,
@@ -215,17 +224,42 @@ impl Actor {
             tokio::select! {
                 cmd = self.inbox.recv() => {
                     // The hub holds a sender for as long as this actor is registered.
-                    let Some(cmd) = cmd else { return Exit::Idle };
-                    if self.handle(cmd).await.is_err() || self.doc.is_poisoned() {
-                        self.close_all(CloseCode::Restarting, "room restarting");
-                        // Never snapshot a document yrs panicked inside: only wait for the log.
-                        self.flush(Fold::Skip).await;
-                        return Exit::Poisoned;
+                    let Some(mut cmd) = cmd else { return Exit::Idle };
+                    // Commands already waiting are handled in the same turn, up to a bound.
+                    let mut turn = COMMANDS_PER_TURN;
+                    loop {
+                        if self.handle(cmd).await.is_err() || self.doc.is_poisoned() {
+                            self.flush_peers();
+                            self.close_all(CloseCode::Restarting, "room restarting");
+                            // Never snapshot a document yrs panicked inside: only wait for the
+                            // log.
+                            self.flush(Fold::Skip).await;
+                            return Exit::Poisoned;
+                        }
+                        turn -= 1;
+                        match self.inbox.try_recv() {
+                            Ok(next) if turn > 0 => cmd = next,
+                            Ok(next) => {
+                                // Over the bound: the frames leave first, then the next turn.
+                                self.flush_peers();
+                                cmd = next;
+                                turn = COMMANDS_PER_TURN;
+                            }
+                            Err(_) => break,
+                        }
                     }
+                    self.flush_peers();
                 }
-                Some(notice) = self.notices.recv() => self.on_notice(notice),
+                Some(notice) = self.notices.recv() => {
+                    self.on_notice(notice);
+                    while let Ok(notice) = self.notices.try_recv() {
+                        self.on_notice(notice);
+                    }
+                    self.flush_peers();
+                }
                 _ = tick.tick() => {
                     self.sweep();
+                    self.flush_peers();
                     self.maybe_exchange();
                     if self.log.wants_compaction(&self.ctx.settings.compaction) {
                         self.start_compaction();
@@ -490,7 +524,9 @@ impl Actor {
             return;
         };
         for frame in peer.received_update(needs, echo) {
-            let _ = peer.outbox.push(frame);
+            if peer.outbox.queue(frame) == Ok(true) {
+                self.unflushed.push(conn);
+            }
         }
         if peer.is_waiting() {
             self.ack_waiters.insert(conn);
@@ -511,10 +547,35 @@ impl Actor {
             seq,
             listener: self.listener.clone(),
         };
-        // Waits while the writer's queue is full: the store's pace bounds the room's.
+        let req = match self.ctx.writer.try_submit(req) {
+            Ok(()) => return,
+            Err(Full(req)) => req,
+            Err(Closed(_)) => {
+                warn!("store writer is gone; update kept in memory only");
+                return;
+            }
+        };
+        // Waits while the writer's queue is full: the store's pace bounds the room's. What this
+        // turn queued for the peers leaves first.
+        self.flush_peers();
         if self.ctx.writer.submit(req).await.is_err() {
             warn!("store writer is gone; update kept in memory only");
         }
+    }
+
+    /// Writes what this turn queued for each peer, as far as each socket takes it at once.
+    fn flush_peers(&mut self) {
+        if self.unflushed.is_empty() {
+            return;
+        }
+        let mut written = Written::default();
+        for id in self.unflushed.drain(..) {
+            if let Some(peer) = self.peers.get(&id) {
+                written.add(peer.outbox.flush());
+            }
+        }
+        METRICS.frames_out.add(written.messages);
+        METRICS.bytes_out.add(written.bytes);
     }
 
     fn relay_awareness(&mut self, conn: ConnId, message: Bytes, payload: &[u8]) {
@@ -543,8 +604,13 @@ impl Actor {
             if Some(id) == skip {
                 continue;
             }
-            match peer.outbox.push(frame.clone()) {
-                Ok(()) => delivered += 1,
+            match peer.outbox.queue(frame.clone()) {
+                Ok(first) => {
+                    delivered += 1;
+                    if first {
+                        self.unflushed.push(id);
+                    }
+                }
                 Err(PushError::Overflow) => {
                     warn!(conn = %id, "slow consumer closed with 1013");
                     METRICS.closes.inc(CloseCode::TryAgainLater);
@@ -719,12 +785,15 @@ impl Actor {
                 };
                 self.log.committed(id, len);
                 let peers = &mut self.peers;
-                self.ack_waiters.retain(|conn| {
-                    let Some(peer) = peers.get_mut(conn) else {
+                let unflushed = &mut self.unflushed;
+                self.ack_waiters.retain(|&conn| {
+                    let Some(peer) = peers.get_mut(&conn) else {
                         return false;
                     };
                     for frame in peer.committed(seq) {
-                        let _ = peer.outbox.push(frame);
+                        if peer.outbox.queue(frame) == Ok(true) {
+                            unflushed.push(conn);
+                        }
                     }
                     peer.is_waiting()
                 });

@@ -121,7 +121,7 @@ mod tests {
     use tandem_protocol::MessageReader;
 
     fn peer(acks: bool) -> Peer {
-        let (tx, _rx) = outbox(1 << 20);
+        let (tx, _rx) = outbox(1 << 20, 16 << 10, crate::ws::WsWriter::detached());
         let mut p = Peer::new(tx);
         if acks {
             p.request_acks();

@@ -18,12 +18,11 @@ use super::limits::{AddressSlot, TokenBucket};
 use super::outbox::{outbox, Outbox, OutboxReceiver, Signal};
 use crate::auth::{Access, Grant};
 use crate::doc::{check_state_vector, DecodedUpdate};
-use crate::http::upgrade::Stream;
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId};
 use crate::metrics::{Refused, METRICS};
 use crate::room::{JoinError, RoomCommand, RoomHandle};
-use crate::ws::{Incoming, ReadError, SocketError, Source, Written, WsSocket};
+use crate::ws::{Incoming, ReadError, SocketError, Written, WsReader, WsSocket};
 
 /// Per-connection limits and timings.
 #[derive(Debug, Clone)]
@@ -102,7 +101,7 @@ pub struct Refusal {
 /// an async function keeps its arguments in its future for as long as it runs, even after
 /// they were moved on, and every idle connection's task is that future.
 pub fn serve(
-    socket: Box<WsSocket<Stream>>,
+    socket: Box<WsSocket>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     admission: Admission,
@@ -136,28 +135,34 @@ pub fn serve(
 }
 
 /// Tells a refused client why and closes.
-async fn refuse(mut socket: Box<WsSocket<Stream>>, settings: &SessionSettings, refusal: Refusal) {
+async fn refuse(socket: Box<WsSocket>, settings: &SessionSettings, refusal: Refusal) {
     info!(code = refusal.code.code(), reason = %refusal.reason, "connection refused");
     METRICS.closes.inc(refusal.code);
     METRICS.refused.inc(refusal.metric);
     let farewell = refusal
         .auth_message
         .then(|| Bytes::from(Message::AuthDenied(&refusal.reason).to_frame()));
-    socket.close(refusal.code.code(), &refusal.reason, farewell);
-    finish(&mut socket, settings, false).await;
+    let WsSocket { mut reader, writer } = *socket;
+    let (_out, mut rx) = outbox(settings.outbox_bytes, settings.write_buffer_bytes, writer);
+    rx.start_close(refusal.code.code(), &refusal.reason, farewell);
+    finish(&mut reader, &mut rx, settings, false).await;
 }
 
 /// Sends the close frame (after what the socket has not taken yet), then reads and drops what
 /// the client still sends until it answers the close, so that the socket is not reset with our
 /// close frame unread; all within twice the close timeout.
-async fn finish(socket: &mut WsSocket<Stream>, settings: &SessionSettings, answered: bool) {
-    let mut none = NoMessages;
+async fn finish(
+    reader: &mut WsReader,
+    rx: &mut OutboxReceiver,
+    settings: &SessionSettings,
+    answered: bool,
+) {
     let _ = tokio::time::timeout(
         settings.close_timeout * 2,
         poll_fn(|cx| {
-            if !socket.close_sent() {
+            if !rx.close_sent() {
                 let mut written = Written::default();
-                match socket.poll_write(cx, &mut none, settings.write_buffer_bytes, &mut written) {
+                match rx.poll_write(cx, &mut written) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(_)) => return Poll::Ready(()),
                     Poll::Pending => return Poll::Pending,
@@ -166,31 +171,10 @@ async fn finish(socket: &mut WsSocket<Stream>, settings: &SessionSettings, answe
             if answered {
                 return Poll::Ready(());
             }
-            socket.poll_drain(cx)
+            reader.poll_drain(cx)
         }),
     )
     .await;
-}
-
-/// A writer's source with nothing in it (while closing).
-struct NoMessages;
-
-impl Source for NoMessages {
-    fn next_message(&mut self) -> Option<Bytes> {
-        None
-    }
-
-    fn taken(&mut self, _: usize) {}
-}
-
-impl Source for OutboxReceiver {
-    fn next_message(&mut self) -> Option<Bytes> {
-        self.try_next_frame()
-    }
-
-    fn taken(&mut self, len: usize) {
-        self.written(len);
-    }
 }
 
 /// What an admitted connection may send.
@@ -203,7 +187,7 @@ struct Permissions {
 }
 
 async fn run(
-    socket: Box<WsSocket<Stream>>,
+    socket: Box<WsSocket>,
     hub: Hub,
     settings: Arc<SessionSettings>,
     room: RoomId,
@@ -249,10 +233,10 @@ async fn run(
     if let Some(answered) = answered {
         let request = session.out.close_request().cloned();
         let (code, reason) = request.map_or((CloseCode::Normal, "".into()), |r| (r.code, r.reason));
-        session.socket.close(code.code(), &reason, None);
-        // Frames nobody will write: free them now.
-        drop(session.rx);
-        finish(&mut session.socket, &settings, answered).await;
+        // Frames nobody will write are freed now.
+        session.rx.start_close(code.code(), &reason, None);
+        let Session { reader, rx, .. } = &mut *session;
+        finish(reader, rx, &settings, answered).await;
     }
     METRICS.connections_open.dec();
     debug!("closed");
@@ -260,7 +244,7 @@ async fn run(
 
 /// An admitted connection: its socket, its outbox and its limits, served by one task.
 struct Session {
-    socket: WsSocket<Stream>,
+    reader: WsReader,
     /// Messages read and not handled yet.
     inbox: VecDeque<Incoming>,
     rx: OutboxReceiver,
@@ -300,15 +284,16 @@ impl Session {
     /// A session over `socket`, moved out of its box here so that the box is freed at once
     /// (a box moved out of in an async function is freed only when the function ends).
     fn new(
-        socket: Box<WsSocket<Stream>>,
+        socket: Box<WsSocket>,
         settings: &Arc<SessionSettings>,
         conn: ConnId,
         perms: Permissions,
     ) -> Box<Self> {
-        let (out, rx) = outbox(settings.outbox_bytes);
+        let WsSocket { reader, writer } = *socket;
+        let (out, rx) = outbox(settings.outbox_bytes, settings.write_buffer_bytes, writer);
         let now = Instant::now();
         let mut session = Box::new(Session {
-            socket: *socket,
+            reader,
             inbox: VecDeque::new(),
             rx,
             out,
@@ -346,7 +331,7 @@ impl Session {
                         CloseCode::InvalidData,
                         "text frames are not part of the protocol".to_string(),
                     ),
-                    Incoming::Ping(payload) => self.socket.pong(payload),
+                    Incoming::Ping(payload) => self.rx.pong(payload),
                     Incoming::Pong => {}
                     Incoming::Close => return Some(true),
                 }
@@ -378,12 +363,7 @@ impl Session {
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
         let mut written = Written::default();
         let step = loop {
-            let blocked = match self.socket.poll_write(
-                cx,
-                &mut self.rx,
-                self.settings.write_buffer_bytes,
-                &mut written,
-            ) {
+            let blocked = match self.rx.poll_write(cx, &mut written) {
                 Poll::Ready(Ok(())) => false,
                 Poll::Ready(Err(e)) => {
                     debug!(error = %e, "write failed");
@@ -408,7 +388,7 @@ impl Session {
         if self.timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Step::Timer);
         }
-        match self.socket.poll_read(cx, &mut self.inbox) {
+        match self.reader.poll_read(cx, &mut self.inbox) {
             Poll::Ready(Ok(())) => Poll::Ready(Step::Read),
             Poll::Ready(Err(e)) => Poll::Ready(Step::ReadFailed(e)),
             Poll::Pending => Poll::Pending,
@@ -449,7 +429,7 @@ impl Session {
                 self.close(CloseCode::GoingAway, "ping timeout".to_string());
                 return;
             }
-            self.socket.ping();
+            self.rx.ping();
             self.ping_at = now + s.ping_interval;
         }
         self.arm();

@@ -1,20 +1,27 @@
-//! A connection's outbox: frames on their way to one socket, bounded in bytes.
+//! A connection's outbox: frames on their way to one socket, bounded in bytes, and the socket's
+//! write half.
 //!
-//! The room pushes shared, encoded-once frames ([`Bytes`]) without ever waiting. When a
-//! connection's queued bytes would pass its budget, the push fails and the connection is told to
-//! close with 1013 (try again later): a slow reader costs only itself, and no CRDT frame is ever
-//! dropped silently — the client resyncs when it reconnects.
+//! The room hands over shared, encoded-once frames ([`Bytes`]) without ever waiting, and writes
+//! them to the socket itself when the socket takes them at once: no wake-up of the connection's
+//! task, and no second thread, for a delivery. Only what the socket does not take stays queued,
+//! and the connection's task writes it when the socket has room. When a connection's queued bytes
+//! would pass its budget, the push fails and the connection is told to close with 1013 (try
+//! again later): a slow reader costs only itself, and no CRDT frame is ever dropped silently —
+//! the client resyncs when it reconnects.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tandem_protocol::CloseCode;
+
+use crate::metrics::METRICS;
+use crate::ws::{Source, Written, WsWriter};
 
 /// Why and how a connection is being closed by the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,29 +43,94 @@ pub enum PushError {
     Closed,
 }
 
-/// What both ends share. The queue is a plain deque behind a mutex that is held only to push or
-/// pop: one connection's outbox costs a few hundred bytes while it is idle (a channel's first
-/// block alone took a kilobyte), which matters at hundreds of thousands of idle connections.
+/// The queue and the socket's write half, under one lock: whoever holds it may write, so frames
+/// never interleave. The lock is held only to queue or to hand bytes to the socket, never to
+/// wait. An idle outbox costs a few hundred bytes (a channel's first block alone took a
+/// kilobyte), which matters at hundreds of thousands of idle connections.
+struct Wire {
+    /// Frames queued and not yet written.
+    frames: VecDeque<Bytes>,
+    /// Their bytes.
+    queued: usize,
+    writer: WsWriter,
+    /// Frames were queued with [`Outbox::queue`] since the last flush.
+    corked: bool,
+    /// The receiver is gone or gave up: pushes fail.
+    receiver_gone: bool,
+}
+
+/// The queue as the writer sees it; nothing more is taken once a close is requested.
+struct Queue<'a> {
+    frames: &'a mut VecDeque<Bytes>,
+    queued: &'a mut usize,
+    closing: bool,
+}
+
+impl Source for Queue<'_> {
+    fn next_message(&mut self) -> Option<Bytes> {
+        if self.closing {
+            return None;
+        }
+        self.frames.pop_front()
+    }
+
+    fn taken(&mut self, len: usize) {
+        *self.queued -= len;
+    }
+}
+
+impl Wire {
+    /// Writes what is queued, waiting for the socket with `cx` (the connection's task) or not
+    /// at all (anyone else).
+    fn write(
+        &mut self,
+        cx: Option<&mut Context<'_>>,
+        closing: bool,
+        batch: usize,
+        written: &mut Written,
+    ) -> Poll<io::Result<()>> {
+        let Wire {
+            frames,
+            queued,
+            writer,
+            ..
+        } = self;
+        let mut queue = Queue {
+            frames,
+            queued,
+            closing,
+        };
+        writer.write(cx, &mut queue, batch, written)
+    }
+
+    /// Whether something is left for the connection's task to write.
+    fn has_backlog(&self, closing: bool) -> bool {
+        !self.writer.is_idle() || (!closing && !self.frames.is_empty())
+    }
+}
+
+/// What both ends share.
 struct Shared {
-    /// Frames pushed and not yet taken by the connection.
-    frames: Mutex<VecDeque<Bytes>>,
-    /// The connection waiting for a frame, a close request or the end.
+    wire: Mutex<Wire>,
+    /// The connection waiting for a backlog, a close request or the end.
     waker: AtomicWaker,
     /// Live [`Outbox`] handles; none left means the end.
     senders: AtomicUsize,
-    /// The receiver is gone: pushes fail.
-    receiver_gone: AtomicBool,
-    /// Bytes pushed but not yet handed to the socket.
-    queued: AtomicUsize,
     budget: usize,
+    /// Queued frames are coalesced into writes of about this many bytes.
+    batch: usize,
     /// Set once, by the first close request; later requests are ignored.
     close: OnceLock<CloseRequest>,
 }
 
 impl Shared {
-    fn frames(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
-        // Nothing panics while holding the lock; recover the deque if something ever did.
-        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    fn wire(&self) -> MutexGuard<'_, Wire> {
+        // Nothing panics while holding the lock; recover the state if something ever did.
+        self.wire.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn closing(&self) -> bool {
+        self.close.get().is_some()
     }
 }
 
@@ -78,6 +150,10 @@ impl Clone for Outbox {
 
 impl Drop for Outbox {
     fn drop(&mut self) {
+        // Frames queued for a flush that will not come now (the room let the peer go).
+        if self.shared.wire().corked {
+            self.flush();
+        }
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.waker.wake();
         }
@@ -99,23 +175,33 @@ pub struct OutboxReceiver {
 
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
-        self.shared.receiver_gone.store(true, Ordering::Release);
-        // Frames nobody will write: free them now, not when the last sender goes.
-        self.shared.frames().clear();
+        let mut wire = self.shared.wire();
+        wire.receiver_gone = true;
+        // Frames nobody will write: free them now, not when the last sender goes; and let go
+        // of the socket, which the room's handle must not keep open.
+        wire.frames.clear();
+        wire.queued = 0;
+        wire.writer.release();
     }
 }
 
-/// Creates an outbox with a budget of `budget` queued bytes. The queue is unbounded in count
-/// but bounded in bytes by [`Outbox::push`]; a single frame larger than the budget is still
-/// accepted into an empty outbox so that a large document can always be delivered.
-pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
+/// Creates an outbox with a budget of `budget` queued bytes that writes through `writer` in
+/// writes of about `batch` bytes. The queue is unbounded in count but bounded in bytes by
+/// [`Outbox::push`]; a single frame larger than the budget is still accepted into an empty
+/// outbox so that a large document can always be delivered.
+pub fn outbox(budget: usize, batch: usize, writer: WsWriter) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
-        frames: Mutex::new(VecDeque::new()),
+        wire: Mutex::new(Wire {
+            frames: VecDeque::new(),
+            queued: 0,
+            writer,
+            corked: false,
+            receiver_gone: false,
+        }),
         waker: AtomicWaker::new(),
         senders: AtomicUsize::new(1),
-        receiver_gone: AtomicBool::new(false),
-        queued: AtomicUsize::new(0),
         budget,
+        batch,
         close: OnceLock::new(),
     });
     (
@@ -127,28 +213,66 @@ pub fn outbox(budget: usize) -> (Outbox, OutboxReceiver) {
 }
 
 impl Outbox {
-    /// Queues a frame without waiting. On overflow the connection is closed with 1013.
+    /// Queues a frame and writes what the socket takes at once; the connection's task is woken
+    /// only for what is left. On overflow the connection is closed with 1013.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
-        if self.shared.close.get().is_some() {
+        self.queue(frame)?;
+        let written = self.flush();
+        METRICS.frames_out.add(written.messages);
+        METRICS.bytes_out.add(written.bytes);
+        Ok(())
+    }
+
+    /// Queues a frame without writing it: the caller owes a [`Outbox::flush`], which writes
+    /// every frame queued until then at once. Returns whether this frame is the first since the
+    /// last flush (so that the caller remembers this outbox once). On overflow the connection
+    /// is closed with 1013.
+    pub fn queue(&self, frame: Bytes) -> Result<bool, PushError> {
+        if self.shared.closing() {
             return Err(PushError::Closed);
         }
         let len = frame.len();
-        let before = self.shared.queued.fetch_add(len, Ordering::AcqRel);
-        if before > 0 && before + len > self.shared.budget {
-            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+        let mut wire = self.shared.wire();
+        if wire.receiver_gone {
+            return Err(PushError::Closed);
+        }
+        if wire.queued > 0 && wire.queued + len > self.shared.budget {
+            drop(wire);
             self.close(
                 CloseCode::TryAgainLater,
                 "slow consumer: outbox over budget",
             );
             return Err(PushError::Overflow);
         }
-        if self.shared.receiver_gone.load(Ordering::Acquire) {
-            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-            return Err(PushError::Closed);
+        wire.queued += len;
+        wire.frames.push_back(frame);
+        Ok(!std::mem::replace(&mut wire.corked, true))
+    }
+
+    /// Writes what is queued as far as the socket takes it without waiting, and wakes the
+    /// connection's task for the rest. More than one write's worth (a large document, or a
+    /// backlog behind a full socket) is left to the connection's task at once: the caller's
+    /// thread serves a whole room and must not spend itself on one peer. Returns what was
+    /// written.
+    pub fn flush(&self) -> Written {
+        let mut written = Written::default();
+        let closing = self.shared.closing();
+        let mut wire = self.shared.wire();
+        wire.corked = false;
+        let failed = if closing || wire.queued > self.shared.batch {
+            false
+        } else {
+            matches!(
+                wire.write(None, false, self.shared.batch, &mut written),
+                Poll::Ready(Err(_))
+            )
+        };
+        let backlog = wire.has_backlog(closing);
+        drop(wire);
+        if backlog || failed {
+            self.shared.waker.wake();
         }
-        self.shared.frames().push_back(frame);
-        self.shared.waker.wake();
-        Ok(())
+        written
     }
 
     /// Asks the connection to close with `code`. The first request wins.
@@ -173,19 +297,8 @@ impl Outbox {
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.shared.queued.load(Ordering::Acquire)
+        self.shared.wire().queued
     }
-}
-
-/// What the connection should do next.
-#[derive(Debug)]
-pub enum Next {
-    /// Write this frame.
-    Frame(Bytes),
-    /// Close with this request; queued frames are abandoned.
-    Close(CloseRequest),
-    /// Every sender is gone.
-    Ended,
 }
 
 /// What [`OutboxReceiver::poll_signal`] found.
@@ -200,42 +313,15 @@ pub enum Signal {
 }
 
 impl OutboxReceiver {
-    /// Waits for the next frame or close request; a close request wins over queued frames.
-    pub async fn next(&mut self) -> Next {
-        poll_fn(|cx| {
-            if let Some(next) = self.ready() {
-                return Poll::Ready(next);
-            }
-            self.shared.waker.register(cx.waker());
-            // Whatever happened between the first look and the registration is seen now.
-            match self.ready() {
-                Some(next) => Poll::Ready(next),
-                None => Poll::Pending,
-            }
-        })
-        .await
-    }
-
-    /// What [`OutboxReceiver::next`] returns if it need not wait.
-    fn ready(&self) -> Option<Next> {
-        if let Some(req) = self.shared.close.get() {
-            return Some(Next::Close(req.clone()));
-        }
-        if let Some(frame) = self.shared.frames().pop_front() {
-            return Some(Next::Frame(frame));
-        }
-        (self.shared.senders.load(Ordering::Acquire) == 0).then_some(Next::Ended)
-    }
-
     /// Whether the outbox has something for the connection; if not, the task in `cx` is woken
-    /// when it does. The task is woken on every push and close request either way, so a
-    /// connection whose socket is full still hears of a close request.
+    /// when it does. The task is woken whenever something is left unwritten and on every close
+    /// request, so a connection whose socket is full still hears of a close request.
     pub fn poll_signal(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
         self.shared.waker.register(cx.waker());
         if let Some(req) = self.shared.close.get() {
             return Poll::Ready(Signal::Close(req.clone()));
         }
-        if !self.shared.frames().is_empty() {
+        if !self.shared.wire().frames.is_empty() {
             return Poll::Ready(Signal::Frames);
         }
         if self.shared.senders.load(Ordering::Acquire) == 0 {
@@ -244,112 +330,242 @@ impl OutboxReceiver {
         Poll::Pending
     }
 
-    /// A frame that is already queued, without waiting (for coalescing writes).
-    pub fn try_next_frame(&mut self) -> Option<Bytes> {
-        if self.shared.close.get().is_some() {
-            return None;
-        }
-        self.shared.frames().pop_front()
+    /// Writes control frames and queued frames until nothing is left (`Ready`) or the socket
+    /// is full (`Pending`: the task in `cx` is woken when it has room). Once a close is
+    /// requested, queued frames stay unwritten.
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: &mut Written,
+    ) -> Poll<io::Result<()>> {
+        let closing = self.shared.closing();
+        self.shared
+            .wire()
+            .write(Some(cx), closing, self.shared.batch, written)
     }
 
-    /// Records that `len` bytes left the outbox for the socket.
-    pub fn written(&self, len: usize) {
-        self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+    /// Sends a ping with the next write.
+    pub fn ping(&mut self) {
+        self.shared.wire().writer.ping();
+    }
+
+    /// Answers a ping with the next write.
+    pub fn pong(&mut self, payload: Bytes) {
+        self.shared.wire().writer.pong(payload);
+    }
+
+    /// Starts closing the socket (see [`WsWriter::close`]) and abandons the queued frames:
+    /// later pushes fail.
+    pub fn start_close(&mut self, code: u16, reason: &str, farewell: Option<Bytes>) {
+        let mut wire = self.shared.wire();
+        wire.receiver_gone = true;
+        wire.frames.clear();
+        wire.queued = 0;
+        wire.writer.close(code, reason, farewell);
+    }
+
+    /// Whether the close frame has left.
+    pub fn close_sent(&self) -> bool {
+        self.shared.wire().writer.close_sent()
+    }
+
+    /// The next queued frame, taken without writing it: for an outbox whose writer has no
+    /// socket ([`WsWriter::detached`]), where frames only queue.
+    pub fn take(&mut self) -> Option<Bytes> {
+        let mut wire = self.shared.wire();
+        let frame = wire.frames.pop_front()?;
+        wire.queued -= frame.len();
+        Some(frame)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
     use super::*;
 
+    fn detached(budget: usize) -> (Outbox, OutboxReceiver) {
+        outbox(budget, 16 << 10, WsWriter::detached())
+    }
+
+    async fn signal(rx: &mut OutboxReceiver) -> Signal {
+        poll_fn(|cx| rx.poll_signal(cx)).await
+    }
+
     #[tokio::test]
-    async fn frames_arrive_in_order() {
-        let (tx, mut rx) = outbox(1024);
+    async fn frames_stay_in_order_while_the_socket_cannot_take_them() {
+        let (tx, mut rx) = detached(1024);
         tx.push(Bytes::from_static(b"a")).unwrap();
         tx.push(Bytes::from_static(b"b")).unwrap();
-        assert!(matches!(rx.next().await, Next::Frame(f) if f == "a"));
-        assert_eq!(rx.try_next_frame().unwrap(), "b");
+        assert!(matches!(signal(&mut rx).await, Signal::Frames));
+        assert_eq!(rx.take().unwrap(), "a");
+        assert_eq!(rx.take().unwrap(), "b");
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn queue_reports_the_first_frame_since_the_last_flush() {
+        let (tx, _rx) = detached(1024);
+        assert_eq!(tx.queue(Bytes::from_static(b"a")), Ok(true));
+        assert_eq!(tx.queue(Bytes::from_static(b"b")), Ok(false));
+        tx.flush();
+        assert_eq!(tx.queue(Bytes::from_static(b"c")), Ok(true));
     }
 
     #[tokio::test]
     async fn over_budget_push_fails_and_requests_try_again_later() {
-        let (tx, mut rx) = outbox(10);
+        let (tx, mut rx) = detached(10);
         tx.push(Bytes::from(vec![0; 6])).unwrap();
         assert_eq!(tx.push(Bytes::from(vec![0; 6])), Err(PushError::Overflow));
         assert_eq!(tx.close_request().unwrap().code, CloseCode::TryAgainLater);
-        assert!(matches!(rx.next().await, Next::Close(r) if r.code == CloseCode::TryAgainLater));
+        assert!(
+            matches!(signal(&mut rx).await, Signal::Close(r) if r.code == CloseCode::TryAgainLater)
+        );
         assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
     }
 
     #[tokio::test]
     async fn a_frame_larger_than_the_budget_fits_an_empty_outbox() {
-        let (tx, mut rx) = outbox(10);
+        let (tx, mut rx) = detached(10);
         tx.push(Bytes::from(vec![0; 100])).unwrap();
-        let Next::Frame(f) = rx.next().await else {
-            panic!("expected a frame")
-        };
-        rx.written(f.len());
+        rx.take().unwrap();
         assert_eq!(tx.queued_bytes(), 0);
         tx.push(Bytes::from(vec![0; 8])).unwrap();
     }
 
     #[tokio::test]
     async fn written_bytes_free_budget() {
-        let (tx, mut rx) = outbox(10);
+        let (tx, mut rx) = detached(10);
         tx.push(Bytes::from(vec![0; 8])).unwrap();
-        let Next::Frame(f) = rx.next().await else {
-            panic!("expected a frame")
-        };
-        rx.written(f.len());
+        rx.take().unwrap();
         tx.push(Bytes::from(vec![0; 8])).unwrap();
     }
 
     #[tokio::test]
     async fn first_close_request_wins() {
-        let (tx, rx) = outbox(10);
+        let (tx, mut rx) = detached(10);
         tx.close(CloseCode::InvalidData, "bad");
         tx.close(CloseCode::Restarting, "later");
-        let mut rx = rx;
-        assert!(matches!(rx.next().await, Next::Close(r) if r.code == CloseCode::InvalidData));
+        assert!(
+            matches!(signal(&mut rx).await, Signal::Close(r) if r.code == CloseCode::InvalidData)
+        );
     }
 
     #[tokio::test]
-    async fn a_push_after_the_receiver_is_gone_fails_and_frees_its_budget() {
-        let (tx, rx) = outbox(10);
+    async fn a_push_after_the_receiver_is_gone_fails_and_frees_the_queue() {
+        let (tx, rx) = detached(10);
         tx.push(Bytes::from_static(b"queued")).unwrap();
         drop(rx);
         assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
-        assert_eq!(tx.queued_bytes(), 6);
+        assert_eq!(tx.queued_bytes(), 0);
     }
 
     #[tokio::test]
-    async fn a_waiting_writer_wakes_for_a_frame_a_close_and_the_end() {
-        let (tx, mut rx) = outbox(1024);
+    async fn a_push_after_the_close_started_fails() {
+        let (tx, mut rx) = detached(10);
+        tx.push(Bytes::from_static(b"queued")).unwrap();
+        rx.start_close(1000, "bye", None);
+        assert_eq!(tx.queued_bytes(), 0, "abandoned");
+        assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
+    }
+
+    /// A connected pair on loopback: the server's end in an outbox, the client's end raw.
+    async fn on_socket(budget: usize) -> (Outbox, OutboxReceiver, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let server = Arc::new(accepted.unwrap().0);
+        let (tx, rx) = outbox(budget, 16 << 10, WsWriter::new(server));
+        (tx, rx, client.unwrap())
+    }
+
+    /// Reads `n` unmasked binary frames of at most 125 bytes from the client's end.
+    async fn read_frames(client: &mut tokio::net::TcpStream, n: usize) -> Vec<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut frames = Vec::new();
+        for _ in 0..n {
+            let mut head = [0; 2];
+            client.read_exact(&mut head).await.unwrap();
+            assert_eq!(head[0], 0x82, "a whole binary frame");
+            let mut payload = vec![0; usize::from(head[1])];
+            client.read_exact(&mut payload).await.unwrap();
+            frames.push(payload);
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_to_the_socket_without_waking_the_connection() {
+        let (tx, mut rx, mut client) = on_socket(1024).await;
+        assert_eq!(tx.queue(Bytes::from_static(b"one")), Ok(true));
+        assert_eq!(tx.queue(Bytes::from_static(b"two")), Ok(false));
+        let written = tx.flush();
+        assert_eq!((written.messages, written.bytes), (2, 6));
+        assert_eq!(tx.queued_bytes(), 0);
+        assert_eq!(read_frames(&mut client, 2).await, [b"one", b"two"]);
+        // Nothing is left for the connection's task: it is not woken and has nothing to do.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(rx.poll_signal(&mut cx).is_pending());
+    }
+
+    #[tokio::test]
+    async fn what_a_full_socket_does_not_take_is_left_to_the_connection_in_order() {
+        let (tx, mut rx, mut client) = on_socket(usize::MAX).await;
+        // Far more than the socket buffers hold while the client reads nothing.
+        let count = 200_000;
+        for i in 0..count {
+            let frame = Bytes::from(format!("{i:0>100}"));
+            tx.push(frame).unwrap();
+        }
+        assert!(tx.queued_bytes() > 0, "the socket filled up");
+        assert!(matches!(signal(&mut rx).await, Signal::Frames));
+        let conn = tokio::spawn(async move {
+            let mut written = Written::default();
+            poll_fn(|cx| rx.poll_write(cx, &mut written)).await.unwrap();
+            rx
+        });
+        let frames = read_frames(&mut client, count).await;
+        for (i, frame) in frames.iter().enumerate() {
+            assert_eq!(frame, format!("{i:0>100}").as_bytes(), "frame {i}");
+        }
+        let _rx = conn.await.unwrap();
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_socket_closes_when_the_connection_lets_go_though_the_room_holds_the_outbox() {
+        use tokio::io::AsyncReadExt;
+        let (tx, rx, mut client) = on_socket(1024).await;
+        drop(rx);
+        let mut buf = [0; 1];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0, "end of stream");
+        assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_wakes_for_a_backlog_a_close_and_the_end() {
+        let (tx, mut rx) = detached(1024);
         let pushed = tx.clone();
         let push = tokio::spawn(async move {
             tokio::task::yield_now().await;
             pushed.push(Bytes::from_static(b"late")).unwrap();
         });
-        assert!(matches!(rx.next().await, Next::Frame(f) if f == "late"));
+        assert!(matches!(signal(&mut rx).await, Signal::Frames));
         push.await.unwrap();
+        rx.take().unwrap();
         let closer = tx.clone();
         tokio::spawn(async move {
             tokio::task::yield_now().await;
             closer.close(CloseCode::Normal, "bye");
         });
-        assert!(matches!(rx.next().await, Next::Close(r) if r.reason == "bye"));
-        let (tx, mut rx) = outbox(1024);
+        assert!(matches!(signal(&mut rx).await, Signal::Close(r) if r.reason == "bye"));
+        let (tx, mut rx) = detached(1024);
         tokio::spawn(async move {
             tokio::task::yield_now().await;
             drop(tx);
         });
-        assert!(matches!(rx.next().await, Next::Ended));
-    }
-
-    #[tokio::test]
-    async fn ended_when_every_sender_is_gone() {
-        let (tx, mut rx) = outbox(10);
-        drop(tx);
-        assert!(matches!(rx.next().await, Next::Ended));
+        assert!(matches!(signal(&mut rx).await, Signal::Ended));
     }
 }

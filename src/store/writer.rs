@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -157,6 +158,11 @@ impl StoreWriter {
     /// dropped).
     pub async fn submit(&self, req: WriteRequest) -> Result<(), WriterClosed> {
         self.tx.send(req).await.map_err(|_| WriterClosed)
+    }
+
+    /// Queues `req` if the queue has room, without waiting; gives it back if not.
+    pub fn try_submit(&self, req: WriteRequest) -> Result<(), TrySendError<WriteRequest>> {
+        self.tx.try_send(req)
     }
 
     /// The writer's counters.
