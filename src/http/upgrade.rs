@@ -22,6 +22,23 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
+/// The TCP stream itself, taken back from hyper with whatever it read past the request: the
+/// room writes to it directly, without a wrapper or a wake-up. A plain function, so that none
+/// of its locals stay in the connection's task.
+fn take_socket(upgraded: hyper::upgrade::Upgraded, max_message: usize) -> Option<Box<WsSocket>> {
+    match upgraded.downcast::<ServedIo>() {
+        Ok(parts) => Some(Box::new(WsSocket::new(
+            parts.io.into_inner(),
+            parts.read_buf,
+            max_message,
+        ))),
+        Err(_) => {
+            warn!("an upgraded connection is not a TCP stream; dropped");
+            None
+        }
+    }
+}
+
 /// A request to upgrade to a WebSocket, checked.
 pub struct WsUpgrade {
     key: HeaderValue,
@@ -129,17 +146,9 @@ impl WsUpgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            // The TCP stream itself, taken back from hyper with whatever it read past the
-            // request: the room writes to it directly, without a wrapper or a wake-up.
-            let parts = match upgraded.downcast::<ServedIo>() {
-                Ok(parts) => parts,
-                Err(_) => {
-                    warn!("an upgraded connection is not a TCP stream; dropped");
-                    return;
-                }
-            };
-            let socket = WsSocket::new(parts.io.into_inner(), parts.read_buf, max_message);
-            serve(Box::new(socket)).await;
+            if let Some(socket) = take_socket(upgraded, max_message) {
+                serve(socket).await;
+            }
         });
         let mut response = (
             StatusCode::SWITCHING_PROTOCOLS,

@@ -283,6 +283,7 @@ enum Step {
 impl Session {
     /// A session over `socket`, moved out of its box here so that the box is freed at once
     /// (a box moved out of in an async function is freed only when the function ends).
+    #[allow(clippy::boxed_local)] // the box is the point: see above
     fn new(
         socket: Box<WsSocket>,
         settings: &Arc<SessionSettings>,

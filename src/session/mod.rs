@@ -1,7 +1,9 @@
 //! One WebSocket connection speaking the y-websocket protocol, bridged to its room.
 //!
-//! The reader parses frames and checks every payload before anything reaches the room; the
-//! writer drains the connection's byte-bounded [`outbox`], coalescing frames into few writes.
+//! The connection's task parses frames and checks every payload before anything reaches the
+//! room. Frames go the other way through the connection's byte-bounded [`outbox`]: the room
+//! writes them to the socket itself, several per write, and the task only finishes what a full
+//! socket did not take.
 
 mod conn;
 pub mod limits;

@@ -100,7 +100,12 @@ impl Wire {
             queued,
             closing,
         };
-        writer.write(cx, &mut queue, batch, written)
+        let result = writer.write(cx, &mut queue, batch, written);
+        if frames.is_empty() && frames.capacity() > 0 {
+            // An idle connection keeps no queue.
+            *frames = VecDeque::new();
+        }
+        result
     }
 
     /// Whether something is left for the connection's task to write.

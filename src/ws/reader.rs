@@ -51,7 +51,9 @@ impl WsReader {
     pub fn new(stream: Arc<TcpStream>, early: Bytes, max_message: usize) -> Self {
         Self {
             stream,
-            early,
+            // A copy: the bytes given are a view into the HTTP server's read buffer (kilobytes),
+            // which must not stay allocated for as long as the connection lives.
+            early: Bytes::copy_from_slice(&early),
             inbound: Inbound::new(max_message),
             done: false,
         }
@@ -63,6 +65,9 @@ impl WsReader {
             let n = self.early.len().min(buf.len());
             buf[..n].copy_from_slice(&self.early[..n]);
             self.early.advance(n);
+            if self.early.is_empty() {
+                self.early = Bytes::new();
+            }
             return Poll::Ready(Ok(n));
         }
         loop {

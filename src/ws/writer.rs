@@ -8,7 +8,7 @@ use std::io;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 
 use super::frame::{close_payload, write_header, OpCode};
@@ -63,11 +63,11 @@ struct Control {
 pub struct WsWriter {
     /// The socket; `None` once released, or for a writer that never had one.
     stream: Option<Arc<TcpStream>>,
-    /// Formatted bytes the socket has not taken yet, from `unsent_at`.
-    unsent: Vec<u8>,
-    unsent_at: usize,
-    /// The rest of a large message leaving in fragments, and whether none has left yet.
-    fragments: Option<(Bytes, bool)>,
+    /// Formatted bytes the socket has not taken yet.
+    unsent: Bytes,
+    /// The rest of a large message leaving in fragments, and whether none has left yet (boxed:
+    /// rare, and every idle connection would carry it).
+    fragments: Option<Box<(Bytes, bool)>>,
     control: Option<Box<Control>>,
     close_sent: bool,
     /// A write failed: the socket is broken and every later write fails too.
@@ -87,8 +87,7 @@ impl WsWriter {
     pub fn detached() -> Self {
         Self {
             stream: None,
-            unsent: Vec::new(),
-            unsent_at: 0,
+            unsent: Bytes::new(),
             fragments: None,
             control: None,
             close_sent: false,
@@ -99,7 +98,7 @@ impl WsWriter {
     /// Lets go of the socket (it closes once the reader lets go too).
     pub fn release(&mut self) {
         self.stream = None;
-        self.unsent = Vec::new();
+        self.unsent = Bytes::new();
         self.fragments = None;
     }
 
@@ -123,7 +122,7 @@ impl WsWriter {
         if self.close_sent || self.control.as_ref().is_some_and(|c| c.close.is_some()) {
             return;
         }
-        self.fragments = farewell.map(|f| (f, true));
+        self.fragments = farewell.map(|f| Box::new((f, true)));
         self.control().close = Some(close_payload(code, reason));
     }
 
@@ -172,17 +171,13 @@ impl WsWriter {
         written: &mut Written,
     ) -> Poll<io::Result<()>> {
         loop {
-            while self.unsent_at < self.unsent.len() {
-                let n = ready!(send(
-                    stream,
-                    cx.as_deref_mut(),
-                    &self.unsent[self.unsent_at..]
-                ))?;
-                self.unsent_at += n;
-            }
-            if !self.unsent.is_empty() {
-                self.unsent = Vec::new();
-                self.unsent_at = 0;
+            while !self.unsent.is_empty() {
+                let n = ready!(send(stream, cx.as_deref_mut(), &self.unsent))?;
+                self.unsent.advance(n);
+                if self.unsent.is_empty() {
+                    // Frees the copy.
+                    self.unsent = Bytes::new();
+                }
             }
             let step = WRITE.with(|buf| {
                 let mut buf = buf.borrow_mut();
@@ -194,13 +189,13 @@ impl WsWriter {
                 let result = match send(stream, cx.as_deref_mut(), &buf) {
                     Poll::Ready(Ok(n)) => {
                         if n < buf.len() {
-                            self.unsent = buf[n..].to_vec();
+                            self.unsent = Bytes::copy_from_slice(&buf[n..]);
                         }
                         Poll::Ready(Ok(()))
                     }
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        self.unsent = buf.to_vec();
+                        self.unsent = Bytes::copy_from_slice(&buf);
                         Poll::Pending
                     }
                 };
@@ -245,7 +240,7 @@ impl WsWriter {
             }
         }
         loop {
-            if let Some((rest, first)) = self.fragments.as_mut() {
+            if let Some((rest, first)) = self.fragments.as_deref_mut() {
                 // The first fragment of a message is a binary frame, the rest continue it.
                 let part = rest.split_to(rest.len().min(FRAGMENT_BYTES));
                 let last = rest.is_empty();
@@ -278,7 +273,7 @@ impl WsWriter {
                     write_header(buf, true, OpCode::Binary, message.len());
                     buf.extend_from_slice(&message);
                 } else {
-                    self.fragments = Some((message, true));
+                    self.fragments = Some(Box::new((message, true)));
                     continue;
                 }
             } else {
