@@ -75,6 +75,33 @@ async fn ten_clients_edit_concurrently_and_converge() {
     }
 }
 
+/// Past 128 peers a room writes half of each update's frames itself and hands the rest to the
+/// connections' tasks: every peer still gets every update, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_peer_of_a_large_room_gets_every_update_in_order() {
+    let server = TestServer::start().await;
+    let url = server.url("large");
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        let c = Client::connect(&url).await.unwrap();
+        c.wait_synced(WAIT).await.unwrap();
+        clients.push(c);
+    }
+    let writer = &clients[0];
+    let mut expected = String::new();
+    for i in 0..30 {
+        let piece = format!("<{i}>");
+        append_text(writer.doc(), "t", &piece);
+        expected.push_str(&piece);
+        tokio::task::yield_now().await;
+    }
+    for c in &clients {
+        c.wait_until(WAIT, |doc| text(doc, "t") == expected)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn late_joiner_gets_the_full_state() {
     let server = TestServer::start().await;

@@ -30,6 +30,9 @@ use crate::ws::Written;
 /// Commands handled in one turn at most before the frames they produced are written.
 const COMMANDS_PER_TURN: usize = 64;
 
+/// Peers a room flushes itself in one turn before it shares the writing with other threads.
+const DIRECT_FLUSHES: usize = 128;
+
 /// What every room of a node shares.
 pub struct RoomContext {
     /// Where documents are loaded from and compacted into.
@@ -563,17 +566,30 @@ impl Actor {
         }
     }
 
-    /// Writes what this turn queued for each peer, as far as each socket takes it at once.
+    /// Writes what this turn queued for each peer, as far as each socket takes it at once. In a
+    /// large room, part of the peers' frames are handed to their connections' tasks first, so
+    /// that the other worker threads write them while this one writes the rest.
     fn flush_peers(&mut self) {
         if self.unflushed.is_empty() {
             return;
         }
         let mut written = Written::default();
-        for id in self.unflushed.drain(..) {
-            if let Some(peer) = self.peers.get(&id) {
+        let direct = if self.unflushed.len() > DIRECT_FLUSHES {
+            self.unflushed.len() / 2
+        } else {
+            self.unflushed.len()
+        };
+        for id in &self.unflushed[direct..] {
+            if let Some(peer) = self.peers.get(id) {
+                peer.outbox.hand_over();
+            }
+        }
+        for id in &self.unflushed[..direct] {
+            if let Some(peer) = self.peers.get(id) {
                 written.add(peer.outbox.flush());
             }
         }
+        self.unflushed.clear();
         METRICS.frames_out.add(written.messages);
         METRICS.bytes_out.add(written.bytes);
     }

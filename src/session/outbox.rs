@@ -280,6 +280,13 @@ impl Outbox {
         written
     }
 
+    /// Leaves what is queued to the connection's task instead of writing it here: the task is
+    /// woken, and writes it on whichever worker thread runs it.
+    pub fn hand_over(&self) {
+        self.shared.wire().corked = false;
+        self.shared.waker.wake();
+    }
+
     /// Asks the connection to close with `code`. The first request wins.
     pub fn close(&self, code: CloseCode, reason: impl Into<Cow<'static, str>>) {
         if self
@@ -537,6 +544,24 @@ mod tests {
         }
         let _rx = conn.await.unwrap();
         assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn handed_over_frames_are_written_by_the_connection() {
+        let (tx, mut rx, mut client) = on_socket(1024).await;
+        assert_eq!(tx.queue(Bytes::from_static(b"later")), Ok(true));
+        tx.hand_over();
+        assert!(matches!(signal(&mut rx).await, Signal::Frames));
+        assert_eq!(tx.queued_bytes(), 5, "not written by the sender");
+        let mut written = Written::default();
+        poll_fn(|cx| rx.poll_write(cx, &mut written)).await.unwrap();
+        assert_eq!(written.messages, 1);
+        assert_eq!(read_frames(&mut client, 1).await, [b"later"]);
+        assert_eq!(
+            tx.queue(Bytes::from_static(b"x")),
+            Ok(true),
+            "no flush owed"
+        );
     }
 
     #[tokio::test]
