@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
@@ -28,9 +29,6 @@ const READ_CONNECTIONS: u32 = 4;
 /// bundled SQLite allows 32,766). Larger statements would save little: the commit's fsync
 /// dominates.
 const ROWS_PER_INSERT: usize = 300;
-
-/// Rooms per multi-row upsert into `rooms` (1 parameter each).
-const ROOMS_PER_UPSERT: usize = 900;
 
 /// Row ids per `DELETE … IN (…)` of a compaction (1 parameter each, plus the room).
 const IDS_PER_DELETE: usize = 900;
@@ -136,49 +134,18 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        if batch.len() <= ROWS_PER_INSERT {
+            // One statement, atomic on its own (SQLite runs it in a transaction of its own, and
+            // a trigger marks the rooms in it): one round trip to the database's thread instead
+            // of four (begin, insert, mark the rooms, commit).
+            let mut conn = self.write.acquire().await?;
+            return insert_rows(&mut conn, batch).await;
+        }
         let mut tx = self.write.begin_with(BEGIN_WRITE).await?;
         let mut ids = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(ROWS_PER_INSERT) {
-            let mut insert =
-                QueryBuilder::<Sqlite>::new("INSERT INTO updates (room, data, origin) ");
-            insert.push_values(chunk, |mut row, append| {
-                row.push_bind(append.room.as_str())
-                    .push_bind(append.data.as_ref())
-                    .push_bind(&*append.origin);
-            });
-            insert.push(" RETURNING id");
-            // SQLite does not promise RETURNING rows in insertion order, but it inserts the VALUES
-            // rows in order and AUTOINCREMENT ids only grow, so sorted ids are the rows' ids.
-            let mut chunk_ids = insert
-                .build()
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|row| row.try_get::<i64, _>(0))
-                .collect::<Result<Vec<_>, _>>()?;
-            if chunk_ids.len() != chunk.len() {
-                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                    "inserted {} rows but got {} ids back",
-                    chunk.len(),
-                    chunk_ids.len()
-                ))));
-            }
-            chunk_ids.sort_unstable();
-            ids.extend(chunk_ids);
+            ids.extend(insert_rows(&mut tx, chunk).await?);
         }
-
-        let mut rooms: Vec<&str> = batch.iter().map(|a| a.room.as_str()).collect();
-        rooms.sort_unstable();
-        rooms.dedup();
-        for chunk in rooms.chunks(ROOMS_PER_UPSERT) {
-            let mut upsert = QueryBuilder::<Sqlite>::new("INSERT INTO rooms (room) ");
-            upsert.push_values(chunk, |mut row, room| {
-                row.push_bind(*room);
-            });
-            upsert.push(" ON CONFLICT (room) DO UPDATE SET updated_at = excluded.updated_at");
-            upsert.build().execute(&mut *tx).await?;
-        }
-
         tx.commit().await?;
         Ok(ids)
     }
@@ -283,6 +250,36 @@ async fn read_room(
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok((snapshot, updates))
+}
+
+/// Inserts `rows` (at most [`ROWS_PER_INSERT`]) in one statement and returns their ids in order.
+/// The `updates_touch_room` trigger registers each row's room.
+async fn insert_rows(conn: &mut SqliteConnection, rows: &[Append]) -> Result<Vec<i64>, StoreError> {
+    let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO updates (room, data, origin) ");
+    insert.push_values(rows, |mut row, append| {
+        row.push_bind(append.room.as_str())
+            .push_bind(append.data.as_ref())
+            .push_bind(&*append.origin);
+    });
+    insert.push(" RETURNING id");
+    // SQLite does not promise RETURNING rows in insertion order, but it inserts the VALUES rows in
+    // order and AUTOINCREMENT ids only grow, so sorted ids are the rows' ids.
+    let mut ids = insert
+        .build()
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|row| row.try_get::<i64, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() != rows.len() {
+        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "inserted {} rows but got {} ids back",
+            rows.len(),
+            ids.len()
+        ))));
+    }
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -407,7 +404,8 @@ mod tests {
                 .fetch_one(&store.read)
                 .await
                 .expect("count migrations");
-            assert_eq!(applied, 1);
+            let embedded = sqlx::migrate!("./migrations/sqlite").migrations.len();
+            assert_eq!(applied as usize, embedded);
             store.close().await;
         }
         let store = SqliteStore::open(&path).await.expect("open");
