@@ -110,8 +110,12 @@ impl SqliteStore {
         let read = if in_memory {
             write.clone()
         } else {
+            // All of them open from the start and kept: a node's open files do not grow with its
+            // first loads (the soak scenario checks that they return to where they started).
             SqlitePoolOptions::new()
                 .max_connections(READ_CONNECTIONS)
+                .min_connections(READ_CONNECTIONS)
+                .idle_timeout(None)
                 .connect_with(options)
                 .await?
         };
