@@ -243,14 +243,13 @@ impl Actor {
                             return Exit::Poisoned;
                         }
                         turn -= 1;
+                        // At the bound the turn ends even if more wait: commit notices, the
+                        // tick and shutdown get their turn in between.
+                        if turn == 0 {
+                            break;
+                        }
                         match self.inbox.try_recv() {
-                            Ok(next) if turn > 0 => cmd = next,
-                            Ok(next) => {
-                                // Over the bound: the frames leave first, then the next turn.
-                                self.flush_peers();
-                                cmd = next;
-                                turn = COMMANDS_PER_TURN;
-                            }
+                            Ok(next) => cmd = next,
                             Err(_) => break,
                         }
                     }
