@@ -108,6 +108,13 @@ impl Wire {
         result
     }
 
+    /// Refuses further pushes and frees the queued frames now, not when the last sender goes.
+    fn abandon(&mut self) {
+        self.receiver_gone = true;
+        self.frames = VecDeque::new();
+        self.queued = 0;
+    }
+
     /// Whether something is left for the connection's task to write.
     fn has_backlog(&self, closing: bool) -> bool {
         !self.writer.is_idle() || (!closing && !self.frames.is_empty())
@@ -181,11 +188,8 @@ pub struct OutboxReceiver {
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
         let mut wire = self.shared.wire();
-        wire.receiver_gone = true;
-        // Frames nobody will write: free them now, not when the last sender goes; and let go
-        // of the socket, which the room's handle must not keep open.
-        wire.frames.clear();
-        wire.queued = 0;
+        wire.abandon();
+        // The room's handle must not keep the socket open.
         wire.writer.release();
     }
 }
@@ -370,9 +374,7 @@ impl OutboxReceiver {
     /// later pushes fail.
     pub fn start_close(&mut self, code: u16, reason: &str, farewell: Option<Bytes>) {
         let mut wire = self.shared.wire();
-        wire.receiver_gone = true;
-        wire.frames.clear();
-        wire.queued = 0;
+        wire.abandon();
         wire.writer.close(code, reason, farewell);
     }
 

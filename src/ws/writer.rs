@@ -152,10 +152,12 @@ impl WsWriter {
         if self.failed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        let Some(stream) = self.stream.clone() else {
+        // Taken out for the write (no reference count touched on this per-delivery path).
+        let Some(stream) = self.stream.take() else {
             return Poll::Pending;
         };
         let result = self.write_to(&stream, cx, source, batch, written);
+        self.stream = Some(stream);
         if let Poll::Ready(Err(_)) = result {
             self.failed = true;
         }
