@@ -19,10 +19,12 @@
 //! document, failures, server CPU, peak memory, bytes per join); `awareness` has R rooms × C
 //! clients send cursor awareness updates at a rate (latency, deliveries per second, losses, CPU
 //! per delivery); both against the same targets.
-//! Everything it starts it stops; every wait has a deadline.
+//! `disk` measures the disk's `fdatasync` latency, the floor under any durable
+//! acknowledgement. Everything it starts it stops; every wait has a deadline.
 
 mod awareness;
 mod charts;
+mod disk;
 mod fanout;
 mod idle;
 mod infra;
@@ -80,6 +82,10 @@ enum Command {
     /// (and tandem's gauges) each second, and whether they return to baseline after everyone
     /// left; losses among the clients that stayed.
     Soak(soak::SoakArgs),
+    /// The disk's `fdatasync` latency under a steady trickle of small writes (what a store's
+    /// commit waits for): p50 to max and every stall, to tell the machine's tail from the
+    /// server's.
+    Disk(disk::DiskArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,6 +147,7 @@ fn main() {
             Command::JoinStorm(args) => join_storm::join_storm(args).await,
             Command::Awareness(args) => awareness::awareness(args).await,
             Command::Soak(args) => soak::soak(args).await,
+            Command::Disk(args) => disk::disk(args).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -459,6 +466,19 @@ async fn run_hop(args: &HopArgs, cluster: &mut Cluster) -> Res<Value> {
             }
         }
     }
+    // The slowest acknowledgement in each twentieth of the run (in sending order): shows whether a
+    // tail is one stall (a slow commit that every update of those milliseconds waits for) or
+    // spread over the run.
+    const SLICES: usize = 20;
+    let mut ack_slices = vec![0.0f64; SLICES];
+    for list in &ack_lists {
+        for (k, a) in list.iter().enumerate() {
+            if let Some(d) = a {
+                let slice = k * SLICES / list.len();
+                ack_slices[slice] = ack_slices[slice].max(d.as_secs_f64() * 1e3);
+            }
+        }
+    }
     let ack = Summary {
         count: ack_hist.len(),
         missing: ack_missing,
@@ -481,6 +501,7 @@ async fn run_hop(args: &HopArgs, cluster: &mut Cluster) -> Res<Value> {
         "latency": {
             "same_node": same.json(),
             "ack": ack.json(),
+            "ack_max_ms_by_twentieth": ack_slices,
         },
         "redis": {
             "publishes": publishes,
@@ -603,6 +624,16 @@ fn print_table(r: &Value) {
         );
     }
     row("ack (stored)", &r["latency"]["ack"]);
+    if let Some(slices) = r["latency"]["ack_max_ms_by_twentieth"].as_array() {
+        let slices: Vec<String> = slices
+            .iter()
+            .map(|v| format!("{:.0}", v.as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        println!(
+            "slowest ack per twentieth of the run (ms): {}",
+            slices.join(" ")
+        );
+    }
     let red = &r["redis"];
     println!(
         "redis: {} PUBLISH ({:.3} per update; {:.3} per update net of {:.1}/s idle background)",
