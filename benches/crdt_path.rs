@@ -26,7 +26,7 @@ use tandem::session::outbox::outbox;
 use tandem::store::memory::MemoryStore;
 use tandem::store::postgres::{PostgresOptions, PostgresStore};
 use tandem::store::sqlite::SqliteStore;
-use tandem::store::{Append, Store};
+use tandem::store::{Append, Fold, Store};
 use tandem::ws::WsWriter;
 use tandem_protocol::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
@@ -571,6 +571,12 @@ fn print_summary(trace: &Trace, sizes: &Sizes, probes: &[(usize, f64)], postgres
         fmt(room, "ns"),
         ratio(room, raw)
     );
+    let fold = per("merged_burst/tandem_fold_whole_stream");
+    println!(
+        "whole stream as one burst, tandem's fold (transactions of 32 updates, one encode): {} per update; one-at-a-time/burst {} (target >= 3x)",
+        fmt(fold, "ns"),
+        ratio(raw, fold)
+    );
     for size in BURSTS {
         let burst = per(&format!("merged_burst/raw_bursts_of_{size}"));
         println!(
@@ -663,7 +669,16 @@ fn main() {
 
     // 3: the whole stream as one merged burst.
     {
+        let folded = YrsFold.fold(None, &stream).expect("fold the whole stream");
+        let refolded = YDoc::load(Some(&folded.state), &[]).expect("load the fold");
+        assert_eq!(text_of(refolded.doc()), trace.end);
         let mut group = whole_stream_group(&mut c, "merged_burst", n);
+        // tandem's own merge (compaction, and a load with a log tail): decode each update,
+        // integrate them in transactions of 32, encode the state once. Linear, unlike
+        // `merge_updates_v1`.
+        group.bench_function("tandem_fold_whole_stream", |b| {
+            b.iter(|| YrsFold.fold(None, &stream).expect("fold"))
+        });
         for size in BURSTS {
             group.bench_function(format!("raw_bursts_of_{size}"), |b| {
                 b.iter(|| raw_apply_bursts(&stream, size))
