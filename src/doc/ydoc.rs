@@ -482,8 +482,9 @@ fn plausible_count(bytes: &[u8], min_entry: usize) -> Result<(), String> {
 /// Most stored parts [`integrate`] applies in one transaction. yrs squashes neighbouring blocks
 /// when a transaction commits, so one transaction over a long log keeps every keystroke as its
 /// own block until the end and slows down as it grows: the automerge-paper trace's 259,778
-/// updates took 3.1 s in one transaction, against 0.45 s one transaction each and 0.36 to 0.41 s
-/// in transactions of 8 to 32 (`cargo bench --bench crdt_path -- merged_burst/tandem_fold`).
+/// updates took 3.2 s in one transaction, against 0.45 to 0.5 s one transaction each and 0.36 to
+/// 0.58 s in transactions of 8 to 4,096, within the machine's noise of each other
+/// (`cargo bench --bench crdt_path -- merged_burst/tandem_fold`).
 const PARTS_PER_TRANSACTION: usize = 32;
 
 /// Decodes each part (a v1 update) and applies it to `doc`, in transactions of
