@@ -10,16 +10,22 @@ use tokio_tungstenite::tungstenite::Message;
 use yrs::updates::decoder::Decode;
 use yrs::{Map, Transact};
 
+/// `n` clients connected to `url`, one after another, each synced before the next connects.
+async fn synced_clients(url: &str, n: usize) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = Client::connect(url).await.unwrap();
+        c.wait_synced(WAIT).await.unwrap();
+        clients.push(c);
+    }
+    clients
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_clients_edit_concurrently_and_converge() {
     let server = TestServer::start().await;
     let url = server.url("converge");
-    let mut clients = Vec::new();
-    for _ in 0..10 {
-        let c = Client::connect(&url).await.unwrap();
-        c.wait_synced(WAIT).await.unwrap();
-        clients.push(c);
-    }
+    let clients = synced_clients(&url, 10).await;
     let edits = 20;
     let mut tasks = Vec::new();
     for (i, c) in clients.iter().enumerate() {
@@ -81,12 +87,7 @@ async fn ten_clients_edit_concurrently_and_converge() {
 async fn every_peer_of_a_large_room_gets_every_update_in_order() {
     let server = TestServer::start().await;
     let url = server.url("large");
-    let mut clients = Vec::new();
-    for _ in 0..300 {
-        let c = Client::connect(&url).await.unwrap();
-        c.wait_synced(WAIT).await.unwrap();
-        clients.push(c);
-    }
+    let clients = synced_clients(&url, 300).await;
     let writer = &clients[0];
     let mut expected = String::new();
     for i in 0..30 {
