@@ -13,14 +13,16 @@
 
 pub mod awareness;
 pub mod close;
+pub mod edit;
 pub mod lib0;
 pub mod message;
 pub mod update;
 
 pub use awareness::{AwarenessEntry, AwarenessUpdate};
 pub use close::CloseCode;
+pub use edit::{write_delete_set, Edit, Insert};
 pub use lib0::{DecodeError, Decoder};
 pub use message::{Message, MessageReader, SyncMessage};
 pub use update::{
-    Block, BlockAt, BlockKind, DependencyError, Id, ParentRef, ShapeError, UpdateShape,
+    Block, BlockAt, BlockKind, Deletion, DependencyError, Id, ParentRef, ShapeError, UpdateShape,
 };

@@ -591,7 +591,7 @@ fn skip_var_int(dec: &mut Decoder<'_>) -> Result<(), ShapeError> {
     Err(ShapeError::VarIntTooLong)
 }
 
-fn read_delete_set(dec: &mut Decoder<'_>) -> Result<Vec<Deletion>, ShapeError> {
+pub(crate) fn read_delete_set(dec: &mut Decoder<'_>) -> Result<Vec<Deletion>, ShapeError> {
     let clients = dec.read_var_uint()?;
     let mut out = Vec::new();
     let mut seen: Vec<u64> = Vec::new();
