@@ -573,7 +573,7 @@ fn print_summary(trace: &Trace, sizes: &Sizes, probes: &[(usize, f64)], postgres
     );
     let fold = per("merged_burst/tandem_fold_whole_stream");
     println!(
-        "whole stream as one burst, tandem's fold (transactions of 32 updates, one encode): {} per update; one-at-a-time/burst {} (target >= 3x)",
+        "whole stream as one burst, tandem's fold (keystroke runs merged, one encode): {} per update; one-at-a-time/burst {} (target >= 3x)",
         fmt(fold, "ns"),
         ratio(raw, fold)
     );
@@ -673,9 +673,9 @@ fn main() {
         let refolded = YDoc::load(Some(&folded.state), &[]).expect("load the fold");
         assert_eq!(text_of(refolded.doc()), trace.end);
         let mut group = whole_stream_group(&mut c, "merged_burst", n);
-        // tandem's own merge (compaction, and a load with a log tail): decode each update,
-        // integrate them in transactions of 32, encode the state once. Linear, unlike
-        // `merge_updates_v1`.
+        // tandem's own merge (compaction, and a load with a log tail): runs of keystrokes merged
+        // into one block each and integrated together, other updates in transactions of 32,
+        // the state encoded once. Linear, unlike `merge_updates_v1`.
         group.bench_function("tandem_fold_whole_stream", |b| {
             b.iter(|| YrsFold.fold(None, &stream).expect("fold"))
         });

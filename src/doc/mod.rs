@@ -5,6 +5,7 @@
 //! reads client or stored bytes is panic-contained: yrs must never take the room or the server
 //! down on hostile input.
 
+mod burst;
 mod fold;
 mod places;
 #[cfg(test)]

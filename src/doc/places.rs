@@ -24,7 +24,7 @@ struct Place {
 
 /// An index into [`Places::table`]; [`UNKNOWN`] for garbage-collected ranges and items whose
 /// place cannot be told (both origins collected).
-type PlaceIdx = u32;
+pub(super) type PlaceIdx = u32;
 const UNKNOWN: PlaceIdx = PlaceIdx::MAX;
 
 /// Consecutive clocks of one client in one place.
@@ -249,16 +249,49 @@ impl Places {
             self.table.push(place);
         }
         for (client, run) in placed.runs {
-            let runs = self.runs.entry(client).or_default();
-            match runs.last_mut() {
-                Some(last) if last.end == run.start && last.place == run.place => {
-                    last.end = run.end
-                }
-                // Clocks only grow: an update adds past what the document holds.
-                Some(last) if last.end > run.start => {}
-                _ => runs.push(run),
-            }
+            self.push_run(client, run);
         }
+    }
+
+    /// Keeps that `client`'s clocks `start..end`, past what it held so far, sit in `place` (a
+    /// place this record knows: see [`sequence_of`](Self::sequence_of)).
+    pub(super) fn record_run(&mut self, client: u64, start: u32, end: u32, place: PlaceIdx) {
+        self.push_run(client, Run { start, end, place });
+    }
+
+    fn push_run(&mut self, client: u64, run: Run) {
+        let runs = self.runs.entry(client).or_default();
+        match runs.last_mut() {
+            Some(last) if last.end == run.start && last.place == run.place => last.end = run.end,
+            // Clocks only grow: an update adds past what the document holds.
+            Some(last) if last.end > run.start => {}
+            _ => runs.push(run),
+        }
+    }
+
+    /// Learns the places of what `shape` adds to a document holding `held(client)` clocks of
+    /// each client, if the engine can integrate it at once ([`UpdateShape::integration_order`]);
+    /// `false`, learning nothing, if it cannot. Nothing is refused: this reads stored updates,
+    /// which were checked when they arrived.
+    pub(super) fn learn(&mut self, shape: &UpdateShape, held: impl Fn(u64) -> u32) -> bool {
+        let Ok(order) = shape.integration_order(&held) else {
+            return false;
+        };
+        match self.place(shape, &order, held, false) {
+            Ok(placed) => {
+                self.record(placed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The place of `id` if this record knows it and it is a sequence (a type's list of items,
+    /// not a map entry): where a string that continues `id` may be merged with it.
+    pub(super) fn sequence_of(&self, id: Id) -> Option<PlaceIdx> {
+        let place = self.get(id);
+        let known = self.table.get(place as usize)?;
+        known.sub.is_none().then_some(place)
     }
 
     /// The place of `id`, or [`UNKNOWN`].

@@ -5,8 +5,9 @@ use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
-use tandem_protocol::{DependencyError, UpdateShape};
+use tandem_protocol::{DependencyError, Edit, UpdateShape};
 
+use super::burst::Burst;
 use super::places::{Misplaced, Places};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -479,35 +480,91 @@ fn plausible_count(bytes: &[u8], min_entry: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Most stored parts [`integrate`] applies in one transaction. yrs squashes neighbouring blocks
-/// when a transaction commits, so one transaction over a long log keeps every keystroke as its
-/// own block until the end and slows down as it grows: the automerge-paper trace's 259,778
-/// updates took 3.2 s in one transaction, against 0.45 to 0.5 s one transaction each and 0.36 to
-/// 0.58 s in transactions of 8 to 4,096, within the machine's noise of each other
-/// (`cargo bench --bench crdt_path -- merged_burst/tandem_fold`).
+/// Most stored parts [`integrate`] applies as they are in one transaction. yrs squashes
+/// neighbouring blocks when a transaction commits, so one transaction over a long log keeps
+/// every keystroke as its own block until the end and slows down as it grows: the
+/// automerge-paper trace's 259,778 updates took 3.2 s in one transaction, against 0.45 to 0.5 s
+/// one transaction each and 0.36 to 0.58 s in transactions of 8 to 4,096, within the machine's
+/// noise of each other.
 const PARTS_PER_TRANSACTION: usize = 32;
 
-/// Decodes each part (a v1 update) and applies it to `doc`, in transactions of
-/// [`PARTS_PER_TRANSACTION`] parts, containing any panic inside yrs. On an error the document
-/// holds what came before it: callers discard it.
+/// Most edits merged into one [`Burst`] before yrs integrates it.
+const EDITS_PER_BURST: usize = 4096;
+
+/// Applies stored parts (v1 updates) to `doc`, in order, containing any panic inside yrs. Runs
+/// of keystrokes are merged first ([`Burst`]); the other parts are decoded and applied as they
+/// are, in transactions of [`PARTS_PER_TRANSACTION`]. On an error the document holds what came
+/// before it: callers discard it.
 pub(super) fn integrate<'a>(
     doc: &Doc,
     parts: impl Iterator<Item = &'a [u8]>,
 ) -> Result<(), DocError> {
-    let mut parts = parts.peekable();
-    while parts.peek().is_some() {
-        write(doc, |txn| {
-            for part in parts.by_ref().take(PARTS_PER_TRANSACTION) {
-                plausible_count(part, 3).map_err(DocError::InvalidUpdate)?;
-                let update =
-                    Update::decode_v1(part).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
-                txn.apply_update(update)
-                    .map_err(|e| DocError::Apply(e.to_string()))?;
+    let mut burst = Burst::default();
+    // Parts waiting to be applied as they are, after what the burst merged before them.
+    let mut alone: Vec<&[u8]> = Vec::new();
+    // Whether yrs may hold parked data: what it integrates then is not in the burst's clocks.
+    let mut parked = false;
+    for part in parts {
+        if Edit::read(part).is_some_and(|edit| burst.admit(&edit)) {
+            apply_alone(doc, &mut alone)?;
+            if burst.edits() >= EDITS_PER_BURST {
+                apply_burst(doc, &mut burst, parked)?;
             }
-            Ok::<(), DocError>(())
-        })??;
+            continue;
+        }
+        apply_burst(doc, &mut burst, parked)?;
+        alone.push(part);
+        if !burst.learn(part) {
+            apply_alone(doc, &mut alone)?;
+            parked = true;
+            refresh(doc, &mut burst);
+        } else if alone.len() == PARTS_PER_TRANSACTION {
+            apply_alone(doc, &mut alone)?;
+        }
+    }
+    apply_alone(doc, &mut alone)?;
+    apply_burst(doc, &mut burst, parked)
+}
+
+/// Applies `parts` in one transaction and empties it.
+fn apply_alone(doc: &Doc, parts: &mut Vec<&[u8]>) -> Result<(), DocError> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    write(doc, |txn| {
+        for part in parts.drain(..) {
+            plausible_count(part, 3).map_err(DocError::InvalidUpdate)?;
+            let update =
+                Update::decode_v1(part).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
+            txn.apply_update(update)
+                .map_err(|e| DocError::Apply(e.to_string()))?;
+        }
+        Ok::<(), DocError>(())
+    })?
+}
+
+/// Applies what `burst` merged, if anything, in one transaction; then, if yrs may hold parked
+/// data, reads the held clocks back.
+fn apply_burst(doc: &Doc, burst: &mut Burst, parked: bool) -> Result<(), DocError> {
+    let Some(merged) = burst.take() else {
+        return Ok(());
+    };
+    write(doc, |txn| {
+        let update =
+            Update::decode_v1(&merged).map_err(|e| DocError::InvalidUpdate(e.to_string()))?;
+        txn.apply_update(update)
+            .map_err(|e| DocError::Apply(e.to_string()))
+    })??;
+    if parked {
+        refresh(doc, burst);
     }
     Ok(())
+}
+
+/// Reads the burst's held clocks back from `doc`.
+fn refresh(doc: &Doc, burst: &mut Burst) {
+    let sv = doc.transact().state_vector();
+    burst.refresh(sv.iter().map(|(c, &clock)| (c.get(), clock)));
 }
 
 /// Applies one decoded update in `txn` and works out what to relay.
