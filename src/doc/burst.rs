@@ -134,6 +134,12 @@ impl Burst {
         true
     }
 
+    /// What the burst learned of where each item sits: the places of everything admitted or
+    /// learned, which is the whole document if nothing failed to be learned.
+    pub(super) fn into_places(self) -> Places {
+        self.places
+    }
+
     /// Replaces the held clocks with the document's state vector.
     pub(super) fn refresh(&mut self, state_vector: impl IntoIterator<Item = (u64, u32)>) {
         self.held = state_vector.into_iter().collect();

@@ -178,20 +178,19 @@ impl YDoc {
         result
     }
 
-    /// Builds a document from a stored snapshot and the log tail, integrated in order in one
-    /// transaction. (Merging the parts first with `yrs::merge_updates_v1` costs time quadratic in
-    /// their number and keeps every keystroke a separate block.)
+    /// Builds a document from a stored snapshot and the log tail, integrated in order, runs of
+    /// keystrokes merged first (see [`integrate`]). (Merging the parts with
+    /// `yrs::merge_updates_v1` instead costs time quadratic in their number and keeps every
+    /// keystroke a separate block.)
     pub fn load(snapshot: Option<&[u8]>, tail: &[Bytes]) -> Result<Self, DocError> {
         let mut doc = Self::new();
         let parts = snapshot.into_iter().chain(tail.iter().map(|b| &b[..]));
         let result = integrate(&doc.doc, parts);
-        doc.guard(result)?;
-        doc.places = match (snapshot, tail.is_empty()) {
-            // A snapshot alone (a compacted room) is the document's own encoding already.
-            (Some(state), true) => Places::of_state(state),
-            // Read back from the document's own encoding: the stored parts may overlap and
-            // arrive in any order, the state is complete and ordered.
-            _ => {
+        doc.places = match doc.guard(result)? {
+            Some(places) => places,
+            // Read back from the document's own encoding: the stored parts overlapped or came
+            // out of order, the state is complete and ordered.
+            None => {
                 let state = contain(|| {
                     doc.doc
                         .transact()
@@ -493,12 +492,14 @@ const EDITS_PER_BURST: usize = 4096;
 
 /// Applies stored parts (v1 updates) to `doc`, in order, containing any panic inside yrs. Runs
 /// of keystrokes are merged first ([`Burst`]); the other parts are decoded and applied as they
-/// are, in transactions of [`PARTS_PER_TRANSACTION`]. On an error the document holds what came
-/// before it: callers discard it.
+/// are, in transactions of [`PARTS_PER_TRANSACTION`]. Returns the places of the document's
+/// items, unless some part could not be integrated at once (yrs parked it, or it filled in what
+/// an earlier part waited for): the caller must then work them out from the document. On an
+/// error the document holds what came before it: callers discard it.
 pub(super) fn integrate<'a>(
     doc: &Doc,
     parts: impl Iterator<Item = &'a [u8]>,
-) -> Result<(), DocError> {
+) -> Result<Option<Places>, DocError> {
     let mut burst = Burst::default();
     // Parts waiting to be applied as they are, after what the burst merged before them.
     let mut alone: Vec<&[u8]> = Vec::new();
@@ -523,7 +524,8 @@ pub(super) fn integrate<'a>(
         }
     }
     apply_alone(doc, &mut alone)?;
-    apply_burst(doc, &mut burst, parked)
+    apply_burst(doc, &mut burst, parked)?;
+    Ok((!parked).then(|| burst.into_places()))
 }
 
 /// Applies `parts` in one transaction and empties it.
@@ -633,33 +635,45 @@ pub(super) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, DocError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yrs::{Text, WriteTxn};
+    use yrs::{Map, Text, WriteTxn};
 
     use crate::doc::testutil::{edit, text_of};
 
-    /// A log longer than one of `integrate`'s transactions loads whole, in order, alone and on
-    /// top of a snapshot, and a bad part past the first transaction still fails the load.
+    /// A log longer than one of `integrate`'s transactions and bursts loads whole, in order,
+    /// alone and on top of a snapshot, and a bad part past the first transaction still fails
+    /// the load. Keystrokes (merged into bursts) alternate with map entries (applied as they
+    /// are), so both ways and the switches between them are taken.
     #[test]
     fn a_log_longer_than_one_transaction_loads_whole() {
         let client = Doc::with_client_id(3);
-        let typed: String = (0..PARTS_PER_TRANSACTION * 3 + 5)
+        let count = EDITS_PER_BURST + PARTS_PER_TRANSACTION * 3 + 5;
+        let typed: String = (0..count)
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
-        let parts: Vec<Bytes> = typed
-            .chars()
-            .enumerate()
-            .map(|(i, c)| edit(&client, i as u32, &c.to_string()))
-            .collect();
-        let loaded = YDoc::load(None, &parts).expect("load");
-        assert_eq!(text_of(&loaded), typed);
+        let mut parts = Vec::new();
+        for (i, c) in typed.chars().enumerate() {
+            parts.push(edit(&client, i as u32, &c.to_string()));
+            if i % 100 < 40 {
+                let map = client.get_or_insert_map("m");
+                let mut txn = client.transact_mut();
+                map.insert(&mut txn, format!("k{i}"), i as i64);
+                parts.push(Bytes::from(txn.encode_update_v1()));
+            }
+        }
+        let entries = (0..count).filter(|i| i % 100 < 40).count() as u32;
+        let check = |doc: &YDoc| {
+            assert_eq!(text_of(doc), typed);
+            let map = doc.doc().get_or_insert_map("m");
+            assert_eq!(map.len(&doc.doc().transact()), entries);
+        };
+        check(&YDoc::load(None, &parts).expect("load"));
 
         let half = parts.len() / 2;
         let (state, _) = YDoc::load(None, &parts[..half])
             .expect("load the first half")
             .encode_state()
             .expect("encode");
-        let on_snapshot = YDoc::load(Some(&state), &parts[half..]).expect("load on a snapshot");
-        assert_eq!(text_of(&on_snapshot), typed);
+        check(&YDoc::load(Some(&state), &parts[half..]).expect("load on a snapshot"));
 
         let mut broken = parts.clone();
         broken[PARTS_PER_TRANSACTION + 1] = Bytes::from_static(&[0xff, 0xff, 0xff]);
