@@ -194,6 +194,9 @@ pub struct Deletion {
 pub struct UpdateShape {
     clients: Vec<ClientRun>,
     blocks: Vec<Block>,
+    /// Each block's first clock, apart from the blocks so that finding one by clock searches
+    /// a dense array.
+    starts: Vec<u32>,
     deletions: Vec<Deletion>,
     /// Runs by client, for updates with many clients (a whole state); the few runs of an edit
     /// are found by scanning.
@@ -225,6 +228,7 @@ impl UpdateShape {
             for _ in 0..count {
                 if let Some(block) = read_block(&mut dec, client, at)? {
                     at = clock(u64::from(at) + u64::from(block.len), client)?;
+                    shape.starts.push(block.clock);
                     shape.blocks.push(block);
                 }
             }
@@ -333,6 +337,11 @@ impl UpdateShape {
                 let block = &self.blocks(run)[done[i]];
                 let mut needs = None;
                 for &dep in block.deps.iter().flatten() {
+                    // Earlier in this block's own run: integrated already, no search needed.
+                    if dep.client == run.client && run.start <= dep.clock && dep.clock < block.clock
+                    {
+                        continue;
+                    }
                     let Some((k, j)) = locate(dep)? else { continue };
                     if j < done[k] {
                         continue;
@@ -376,7 +385,7 @@ impl UpdateShape {
         if id.clock < run.start || id.clock >= run.end {
             return None;
         }
-        let j = self.blocks(run).partition_point(|b| b.clock <= id.clock) - 1;
+        let j = self.starts[run.blocks.clone()].partition_point(|&c| c <= id.clock) - 1;
         Some((i, j))
     }
 

@@ -199,18 +199,30 @@ impl Places {
         }
         for (i, run) in shape.clients().iter().enumerate() {
             let have = held(run.client);
+            // Neighbouring blocks in one place make one run.
+            let mut current: Option<Run> = None;
             for (j, block) in shape.blocks(run).iter().enumerate() {
                 let end = block.clock + block.len;
-                if end > have {
-                    placed.runs.push((
-                        run.client,
-                        Run {
+                if end <= have {
+                    continue;
+                }
+                let place = of_block[shape.block_index((i, j))];
+                match &mut current {
+                    Some(run) if run.place == place => run.end = end,
+                    _ => {
+                        let next = Run {
                             start: block.clock.max(have),
                             end,
-                            place: of_block[shape.block_index((i, j))],
-                        },
-                    ));
+                            place,
+                        };
+                        if let Some(done) = current.replace(next) {
+                            placed.runs.push((run.client, done));
+                        }
+                    }
                 }
+            }
+            if let Some(done) = current {
+                placed.runs.push((run.client, done));
             }
         }
         Ok(placed)
