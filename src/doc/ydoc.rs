@@ -487,7 +487,8 @@ fn plausible_count(bytes: &[u8], min_entry: usize) -> Result<(), String> {
 /// noise of each other.
 const PARTS_PER_TRANSACTION: usize = 32;
 
-/// Most edits merged into one [`Burst`] before yrs integrates it.
+/// Most edits merged into one [`Burst`] before yrs integrates it: a bound on the merged update's
+/// size (the text typed plus one block per run), not a tuned figure.
 const EDITS_PER_BURST: usize = 4096;
 
 /// Applies stored parts (v1 updates) to `doc`, in order, containing any panic inside yrs. Runs
