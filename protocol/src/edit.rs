@@ -12,7 +12,7 @@
 //! block, and their delete sets as one.
 
 use crate::lib0::{write_var_string, write_var_uint, Decoder};
-use crate::update::{read_delete_set, Deletion, Id};
+use crate::update::{read_delete_set, utf16_len, Deletion, Id};
 
 /// The info byte of an item of string content (kind 4) with a left origin.
 const STRING_AFTER_ORIGIN: u8 = 0x84;
@@ -143,8 +143,7 @@ fn read_insert<'a>(dec: &mut Decoder<'a>) -> Option<Insert<'a>> {
         None
     };
     let text = dec.read_var_string().ok()?;
-    let units: usize = text.chars().map(char::len_utf16).sum();
-    let len = u32::try_from(units).ok().filter(|&n| n > 0)?;
+    let len = u32::try_from(utf16_len(text)).ok().filter(|&n| n > 0)?;
     clock.checked_add(len)?;
     Some(Insert {
         client,

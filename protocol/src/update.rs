@@ -501,8 +501,7 @@ fn read_content(dec: &mut Decoder<'_>, kind: u8, client: u64) -> Result<u32, Sha
         // String: its length in UTF-16 code units.
         4 => {
             let s = dec.read_var_string()?;
-            let units: usize = s.chars().map(char::len_utf16).sum();
-            clock(units as u64, client)?
+            clock(utf16_len(s) as u64, client)?
         }
         // Embed: a JSON string.
         5 => {
@@ -539,6 +538,16 @@ fn read_content(dec: &mut Decoder<'_>, kind: u8, client: u64) -> Result<u32, Sha
         }
         _ => unreachable!("kinds are checked by the caller"),
     })
+}
+
+/// The length of `s` in UTF-16 code units (a string item's clocks): one per character, and one
+/// more for each character outside the Basic Multilingual Plane, the only ones UTF-8 writes in
+/// four bytes. Counted on the bytes, without decoding the characters.
+pub(crate) fn utf16_len(s: &str) -> usize {
+    let bytes = s.as_bytes();
+    let starts = bytes.iter().filter(|&&b| b & 0xc0 != 0x80).count();
+    let wide = bytes.iter().filter(|&&b| b >= 0xf0).count();
+    starts + wide
 }
 
 /// Reads past one lib0 `Any` value without recursion, refusing nesting deeper than
@@ -675,6 +684,23 @@ mod tests {
             }]
         );
         assert_eq!(shape.check_dependencies(|_| 0), Ok(()));
+    }
+
+    #[test]
+    fn utf16_length_is_counted_on_the_bytes_as_rust_counts_it() {
+        for s in [
+            "",
+            "a",
+            "é",
+            "€",
+            "😀",
+            "aé€😀z",
+            "😀😀",
+            "\u{10ffff}\u{ffff}\u{80}\u{7f}",
+        ] {
+            let want: usize = s.chars().map(char::len_utf16).sum();
+            assert_eq!(utf16_len(s), want, "{s:?}");
+        }
     }
 
     #[test]
