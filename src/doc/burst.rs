@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 
+use tandem_protocol::lib0::write_var_uint;
 use tandem_protocol::{write_delete_set, Deletion, Edit, Id, Insert, UpdateShape};
 
 use super::places::{PlaceIdx, Places};
@@ -141,8 +142,8 @@ impl Burst {
     }
 
     /// Replaces the held clocks with the document's state vector.
-    pub(super) fn refresh(&mut self, state_vector: impl IntoIterator<Item = (u64, u32)>) {
-        self.held = state_vector.into_iter().collect();
+    pub(super) fn refresh(&mut self, held: HashMap<u64, u32>) {
+        self.held = held;
     }
 
     /// The merged update (a v1 update), if any edit was merged since the last one.
@@ -151,11 +152,11 @@ impl Burst {
             return None;
         }
         let mut out = Vec::new();
-        tandem_protocol::lib0::write_var_uint(&mut out, self.clients.len() as u64);
+        write_var_uint(&mut out, self.clients.len() as u64);
         for run in self.clients.drain(..) {
-            tandem_protocol::lib0::write_var_uint(&mut out, run.pieces.len() as u64);
-            tandem_protocol::lib0::write_var_uint(&mut out, run.client);
-            tandem_protocol::lib0::write_var_uint(&mut out, u64::from(run.pieces[0].clock));
+            write_var_uint(&mut out, run.pieces.len() as u64);
+            write_var_uint(&mut out, run.client);
+            write_var_uint(&mut out, u64::from(run.pieces[0].clock));
             for piece in &run.pieces {
                 piece.insert(run.client).write_block(&mut out);
             }

@@ -99,11 +99,7 @@ impl Places {
     pub(super) fn of_state(state: &[u8]) -> Self {
         let mut places = Self::default();
         if let Ok(shape) = UpdateShape::read(state) {
-            if let Ok(order) = shape.integration_order(|_| 0) {
-                if let Ok(placed) = places.place(&shape, &order, |_| 0, false) {
-                    places.record(placed);
-                }
-            }
+            places.learn(&shape, |_| 0);
         }
         places
     }

@@ -227,8 +227,7 @@ impl YDoc {
 
     /// Reads the state vector back from the document (after anything but a complete apply).
     fn refresh_held(&mut self) {
-        let sv = self.doc.transact().state_vector();
-        self.held = sv.iter().map(|(c, &clock)| (c.get(), clock)).collect();
+        self.held = held_clocks(&self.doc);
     }
 
     /// Applies an update in one transaction.
@@ -566,8 +565,13 @@ fn apply_burst(doc: &Doc, burst: &mut Burst, parked: bool) -> Result<(), DocErro
 
 /// Reads the burst's held clocks back from `doc`.
 fn refresh(doc: &Doc, burst: &mut Burst) {
+    burst.refresh(held_clocks(doc));
+}
+
+/// The clocks `doc` holds of each client: its state vector, by client id.
+fn held_clocks(doc: &Doc) -> HashMap<u64, u32> {
     let sv = doc.transact().state_vector();
-    burst.refresh(sv.iter().map(|(c, &clock)| (c.get(), clock)));
+    sv.iter().map(|(c, &clock)| (c.get(), clock)).collect()
 }
 
 /// Applies one decoded update in `txn` and works out what to relay.

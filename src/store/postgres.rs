@@ -284,6 +284,9 @@ fn protocol(message: String) -> StoreError {
     StoreError::Database(sqlx::Error::Protocol(message))
 }
 
+/// A room's log, in id order.
+const READ_LOG: &str = "SELECT id, data FROM updates WHERE room = $1 ORDER BY id";
+
 /// Reads a room's snapshot and every row of its log, in id order, inside `tx`.
 async fn read_room(
     tx: &mut PgConnection,
@@ -302,7 +305,7 @@ async fn read_room(
                 })
             })
             .transpose()?;
-    let updates = sqlx::query("SELECT id, data FROM updates WHERE room = $1 ORDER BY id")
+    let updates = sqlx::query(READ_LOG)
         .bind(room.as_str())
         .fetch_all(&mut *tx)
         .await?
@@ -703,12 +706,11 @@ mod tests {
             .expect("compact");
         assert_eq!(compacted.rows, folded_away.len());
 
-        let plan: Vec<String> =
-            sqlx::query_scalar("EXPLAIN SELECT id, data FROM updates WHERE room = $1 ORDER BY id")
-                .bind("doc")
-                .fetch_all(&store.pool)
-                .await
-                .expect("explain");
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", super::READ_LOG))
+            .bind("doc")
+            .fetch_all(&store.pool)
+            .await
+            .expect("explain");
         let plan = plan.join("\n");
         assert!(
             plan.contains("Index Scan using updates_room_id") && !plan.contains("Bitmap"),
