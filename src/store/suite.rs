@@ -19,7 +19,7 @@
 //! order of [`RoomId`]'s `Ord`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -51,6 +51,7 @@ macro_rules! store_suite {
             concurrent_appends_lose_and_duplicate_nothing,
             concurrent_compactions_fold_each_row_once,
             appends_racing_compactions_lose_nothing,
+            loads_racing_compactions_see_each_update_once,
         );
     };
     (@tests $factory:path; $($check:ident),* $(,)?) => {
@@ -130,27 +131,14 @@ fn clients_in(state_vector: &[u8]) -> BTreeSet<u64> {
 /// - no update is both folded into the snapshot and still in the log, and none is logged twice;
 /// - the log is in strictly increasing id order.
 pub(crate) fn assert_holds_exactly(stored: &StoredRoom, clients: &BTreeSet<u64>) {
-    let rows: Vec<Bytes> = stored.updates.iter().map(|(_, d)| d.clone()).collect();
-    let doc = YDoc::load(stored.snapshot.as_ref().map(|s| &s.state[..]), &rows)
-        .expect("the stored room decodes");
-    let map = doc.doc().get_or_insert_map(MAP);
-    let got: BTreeMap<String, String> = {
-        let txn = doc.doc().transact();
-        map.iter(&txn)
-            .map(|(k, v)| (k.to_string(), v.to_string(&txn)))
-            .collect()
-    };
-    let want: BTreeMap<String, String> = clients.iter().map(|&c| (key(c), value(c))).collect();
-    if got != want {
-        let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-        let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-        panic!(
-            "document differs: {} keys missing {missing:?}, {} unexpected {extra:?}",
-            missing.len(),
-            extra.len()
-        );
-    }
+    let held = held_once(stored);
+    assert_eq!(&held, clients, "updates held by snapshot + log");
+}
 
+/// The clients whose keyed updates `stored` holds, having checked that it holds each of them
+/// once: no update both folded into the snapshot and still in the log, none logged twice, the log
+/// in strictly increasing id order, and the merged document holding exactly their keys and values.
+fn held_once(stored: &StoredRoom) -> BTreeSet<u64> {
     let folded = stored
         .snapshot
         .as_ref()
@@ -176,13 +164,34 @@ pub(crate) fn assert_holds_exactly(stored: &StoredRoom, clients: &BTreeSet<u64>)
             );
         }
     }
-    let held: BTreeSet<u64> = folded.union(&logged).copied().collect();
-    assert_eq!(&held, clients, "updates held by snapshot + log");
     assert!(
         stored.updates.windows(2).all(|w| w[0].0 < w[1].0),
         "log in strictly increasing id order: {:?}",
         ids_of(stored)
     );
+    let held: BTreeSet<u64> = folded.union(&logged).copied().collect();
+
+    let rows: Vec<Bytes> = stored.updates.iter().map(|(_, d)| d.clone()).collect();
+    let doc = YDoc::load(stored.snapshot.as_ref().map(|s| &s.state[..]), &rows)
+        .expect("the stored room decodes");
+    let map = doc.doc().get_or_insert_map(MAP);
+    let got: BTreeMap<String, String> = {
+        let txn = doc.doc().transact();
+        map.iter(&txn)
+            .map(|(k, v)| (k.to_string(), v.to_string(&txn)))
+            .collect()
+    };
+    let want: BTreeMap<String, String> = held.iter().map(|&c| (key(c), value(c))).collect();
+    if got != want {
+        let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+        let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+        panic!(
+            "document differs from the updates held: {} keys missing {missing:?}, {} unexpected {extra:?}",
+            missing.len(),
+            extra.len()
+        );
+    }
+    held
 }
 
 /// A [`YrsFold`] that records what each call was given.
@@ -690,6 +699,89 @@ pub(crate) async fn concurrent_compactions_fold_each_row_once(store: DynStore) {
 
 pub(crate) async fn appends_racing_compactions_lose_nothing(store: DynStore) {
     race_appends_and_compactions(&[store]).await;
+}
+
+/// Loads while a writer appends one update at a time and compactors fold the log in a loop: every
+/// load sees one point in time, so each update is in the snapshot or in the log, never both and
+/// never neither; it holds every update acknowledged before the load began, and none that was not
+/// yet submitted when it ended.
+pub(crate) async fn loads_racing_compactions_see_each_update_once(store: DynStore) {
+    const UPDATES: u64 = 150;
+    /// The writer waits for a compaction to fold something after each this many appends, so the
+    /// loads race compactions on every backend, however fast its appends.
+    const FOLD_EVERY: u64 = 25;
+    const COMPACTORS: usize = 2;
+    // How many updates are acknowledged, and how many were submitted: client `n` is the n-th.
+    let acked = Arc::new(AtomicU64::new(0));
+    let submitted = Arc::new(AtomicU64::new(0));
+    let folded = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut compactors = Vec::new();
+    for _ in 0..COMPACTORS {
+        let (store, folded, done) = (store.clone(), folded.clone(), done.clone());
+        compactors.push(tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                let rows = store
+                    .compact(&room("race"), &YrsFold)
+                    .await
+                    .expect("compact")
+                    .rows;
+                folded.fetch_add(rows as u64, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let writer = {
+        let (store, acked, submitted, folded) = (
+            store.clone(),
+            acked.clone(),
+            submitted.clone(),
+            folded.clone(),
+        );
+        tokio::spawn(async move {
+            for client in 1..=UPDATES {
+                submitted.store(client, Ordering::SeqCst);
+                store
+                    .append(&keyed_appends("race", [client]))
+                    .await
+                    .expect("append");
+                acked.store(client, Ordering::SeqCst);
+                if client % FOLD_EVERY == 0 {
+                    let before = folded.load(Ordering::SeqCst);
+                    while folded.load(Ordering::SeqCst) == before {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        })
+    };
+    let mut loads = 0;
+    while !writer.is_finished() {
+        let before = acked.load(Ordering::SeqCst);
+        let loaded = store.load(&room("race")).await.expect("load");
+        let after = submitted.load(Ordering::SeqCst);
+        let held = held_once(&loaded);
+        assert!(
+            (1..=before).all(|c| held.contains(&c)),
+            "load {loads} lost an update acknowledged before it began ({before}): {held:?}"
+        );
+        assert!(
+            held.iter().all(|&c| c <= after),
+            "load {loads} holds an update submitted after it ended ({after}): {held:?}"
+        );
+        loads += 1;
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
+    done.store(true, Ordering::SeqCst);
+    for compactor in compactors {
+        compactor.await.expect("compactor");
+    }
+    assert!(loads > 1, "the loads raced the writer ({loads} loads)");
+    assert_holds_exactly(
+        &store.load(&room("race")).await.expect("load"),
+        &(1..=UPDATES).collect(),
+    );
 }
 
 /// Two nodes (two stores on one database) append to and compact one room at the same time:
