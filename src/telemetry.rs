@@ -4,7 +4,11 @@
 //! feature `otlp` and an endpoint, the same spans (`conn` per connection, `room` per room, with
 //! their events) are also exported in batches over OTLP/HTTP (protobuf) to `ENDPOINT/v1/traces`,
 //! as service `tandem` with the node id as `service.instance.id`. `RUST_LOG` decides which spans
-//! exist, so it decides what is exported too.
+//! exist, so it decides what is exported too. The `conn` span is at `info` when spans are
+//! exported and at `debug` otherwise: kept only for log context, it would cost each idle
+//! connection about 490 bytes, so a connection's own `info` and `warn` lines carry its fields.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -37,6 +41,15 @@ pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
+/// Whether the installed subscriber exports spans (an OTLP endpoint was given).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported, so that spans kept only for log context may be made cheaper
+/// when they are not: see the connection's span in `session::conn`.
+pub fn exporting_spans() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// Installs the global subscriber. With an OTLP endpoint it must run inside a Tokio runtime,
 /// which then carries the export requests. Fails if an endpoint is given to a binary built
 /// without the `otlp` feature, or if the endpoint is unusable.
@@ -51,6 +64,7 @@ pub fn init(config: &TelemetryConfig<'_>) -> anyhow::Result<Telemetry> {
         LogFormat::Json => subscriber.with(fmt.json()).try_init(),
     }
     .map_err(|e| anyhow::anyhow!("installing the tracing subscriber: {e}"))?;
+    EXPORTING.store(config.otlp_endpoint.is_some(), Ordering::Relaxed);
     Ok(telemetry)
 }
 

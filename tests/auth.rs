@@ -580,6 +580,13 @@ async fn tokens_never_reach_the_logs() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logs = node.logs(500);
     assert!(logs.contains("connection refused"), "{logs}");
+    // At the default level there is no connection span: the line names the room and client.
+    assert!(
+        logs.lines().any(|l| l.contains("connection refused")
+            && l.contains("logged")
+            && l.contains("127.0.0.1")),
+        "the refusal names neither its room nor its client:\n{logs}"
+    );
     let signature = token.rsplit('.').next().unwrap();
     assert!(
         !logs.contains(signature),

@@ -21,7 +21,7 @@ use crate::doc::{check_state_vector, DecodedUpdate};
 use crate::hub::Hub;
 use crate::ids::{ConnId, RoomId};
 use crate::metrics::{Refused, METRICS};
-use crate::room::{JoinError, RoomCommand, RoomHandle};
+use crate::room::{JoinError, Membership, RoomCommand, RoomHandle};
 use crate::ws::{Incoming, ReadError, SocketError, Written, WsReader, WsSocket};
 
 /// Per-connection limits and timings.
@@ -115,7 +115,21 @@ pub fn serve(
         slot,
     } = admission;
     let user = verdict.as_ref().map_or("-", |g| g.user.as_str());
-    let span = tracing::info_span!("conn", conn = %conn, room = %room, peer = %peer, user = %user);
+    // Exported, a connection is a span of its own. Otherwise the span only gives log lines
+    // their context, and every idle connection would hold about 490 bytes of it (the registry's
+    // slot, the formatted fields and the map that keeps them): then it exists only at `debug`,
+    // and the connection's `info` and `warn` lines carry `conn`, `room`, `peer` and `user`.
+    let span = if crate::telemetry::exporting_spans() {
+        tracing::info_span!("conn", conn = %conn, room = %room, peer = %peer, user = %user)
+    } else {
+        tracing::debug_span!("conn", conn = %conn, room = %room, peer = %peer, user = %user)
+    };
+    let who = Who {
+        conn,
+        room: room.clone(),
+        peer,
+        user: user.into(),
+    };
     // The refusal boxed: the rare path must not size every connection's task.
     let outcome = match verdict {
         Ok(grant) => Ok(Permissions {
@@ -124,19 +138,51 @@ pub fn serve(
         }),
         Err(refusal) => Err(Box::new(refusal)),
     };
+    // Everything the connection starts with, in one box: what an async block captures stays in
+    // its future for as long as it runs, and every idle connection's task is that future.
+    let start = Box::new(Start {
+        socket,
+        hub,
+        settings,
+        who,
+        outcome,
+        slot,
+    });
     async move {
-        match outcome {
-            Ok(perms) => run(socket, hub, settings, room, conn, perms).await,
-            Err(refusal) => Box::pin(refuse(socket, &settings, *refusal)).await,
-        }
-        drop(slot);
+        // Boxed: admitting and joining take more state than serving, for a moment only.
+        let Some(mut session) = Box::pin(admit(start)).await else {
+            return;
+        };
+        let answered = session.serve().await;
+        Box::pin(session.close_down(answered)).await;
     }
     .instrument(span)
 }
 
+/// What a connection starts with.
+struct Start {
+    socket: Box<WsSocket>,
+    hub: Hub,
+    settings: Arc<SessionSettings>,
+    who: Who,
+    outcome: Result<Permissions, Box<Refusal>>,
+    slot: Option<AddressSlot>,
+}
+
+/// Who a connection is, for its log lines.
+struct Who {
+    conn: ConnId,
+    room: RoomId,
+    peer: SocketAddr,
+    user: Box<str>,
+}
+
 /// Tells a refused client why and closes.
-async fn refuse(socket: Box<WsSocket>, settings: &SessionSettings, refusal: Refusal) {
-    info!(code = refusal.code.code(), reason = %refusal.reason, "connection refused");
+async fn refuse(socket: Box<WsSocket>, settings: &SessionSettings, who: &Who, refusal: Refusal) {
+    info!(
+        conn = %who.conn, room = %who.room, peer = %who.peer, user = %who.user,
+        code = refusal.code.code(), reason = %refusal.reason, "connection refused"
+    );
     METRICS.closes.inc(refusal.code);
     METRICS.refused.inc(refusal.metric);
     let farewell = refusal
@@ -186,25 +232,37 @@ struct Permissions {
     awareness: bool,
 }
 
-async fn run(
-    socket: Box<WsSocket>,
-    hub: Hub,
-    settings: Arc<SessionSettings>,
-    room: RoomId,
-    conn: ConnId,
-    perms: Permissions,
-) {
+/// Refuses the connection, or joins its room: the session to serve, or `None` when the
+/// connection was refused or could not join and has been closed.
+#[allow(clippy::boxed_local)] // unpacked here, in one place, so that the task's future holds a box
+async fn admit(start: Box<Start>) -> Option<Box<Session>> {
+    let Start {
+        socket,
+        hub,
+        settings,
+        mut who,
+        outcome,
+        slot,
+    } = *start;
+    let perms = match outcome {
+        Ok(perms) => perms,
+        Err(refusal) => {
+            refuse(socket, &settings, &who, *refusal).await;
+            return None;
+        }
+    };
     METRICS.connections_opened.inc();
     METRICS.connections_open.inc();
-    let mut session = Session::new(socket, &settings, conn, perms);
-
-    // Boxed: joining takes more state than waiting for messages, for a moment only.
-    let answered = match Box::pin(hub.join(&room, conn, session.out.clone())).await {
+    let WsSocket { mut reader, writer } = *socket;
+    let (out, mut rx) = outbox(settings.outbox_bytes, settings.write_buffer_bytes, writer);
+    match hub.join(&who.room, who.conn, out.clone()).await {
         Ok(membership) => {
             debug!("joined");
-            let answered = session.serve(membership.handle()).await;
-            drop(membership);
-            answered
+            // The room's own name, shared: the one parsed from this connection's path is freed.
+            who.room = membership.handle().room().clone();
+            Some(Session::new(
+                reader, rx, out, membership, slot, settings, who, perms,
+            ))
         }
         Err(e) => {
             let (code, reason) = match e {
@@ -219,27 +277,23 @@ async fn run(
                     (CloseCode::TryAgainLater, "server has too many rooms open")
                 }
             };
-            warn!(error = %e, "join refused");
+            warn!(
+                conn = %who.conn, room = %who.room, peer = %who.peer, user = %who.user,
+                error = %e, "join refused"
+            );
             METRICS.closes.inc(code);
             match e {
                 JoinError::Full => METRICS.refused.inc(Refused::RoomFull),
                 JoinError::TooManyRooms => METRICS.refused.inc(Refused::TooManyRooms),
                 _ => {}
             }
-            session.out.close(code, reason);
-            Some(false)
+            rx.start_close(code.code(), reason, None);
+            finish(&mut reader, &mut rx, &settings, false).await;
+            METRICS.connections_open.dec();
+            debug!("closed");
+            None
         }
-    };
-    if let Some(answered) = answered {
-        let request = session.out.close_request().cloned();
-        let (code, reason) = request.map_or((CloseCode::Normal, "".into()), |r| (r.code, r.reason));
-        // Frames nobody will write are freed now.
-        session.rx.start_close(code.code(), &reason, None);
-        let Session { reader, rx, .. } = &mut *session;
-        finish(reader, rx, &settings, answered).await;
     }
-    METRICS.connections_open.dec();
-    debug!("closed");
 }
 
 /// An admitted connection: its socket, its outbox and its limits, served by one task.
@@ -262,8 +316,22 @@ struct Session {
     messages: TokenBucket,
     bytes: TokenBucket,
     settings: Arc<SessionSettings>,
-    conn: ConnId,
+    who: Who,
     perms: Permissions,
+    /// The connection's place in its room, left when the session ends.
+    membership: Membership,
+    /// The connection's place in the per-address count.
+    slot: Option<AddressSlot>,
+}
+
+/// What the inbox holds next.
+enum Next {
+    /// A binary message, to check and hand to the room.
+    Binary(Bytes),
+    /// The client's close frame.
+    Close,
+    /// Nothing more.
+    Empty,
 }
 
 /// What woke the connection.
@@ -281,17 +349,18 @@ enum Step {
 }
 
 impl Session {
-    /// A session over `socket`, moved out of its box here so that the box is freed at once
-    /// (a box moved out of in an async function is freed only when the function ends).
-    #[allow(clippy::boxed_local)] // the box is the point: see above
+    /// A joined connection's session.
+    #[allow(clippy::too_many_arguments)] // the parts of one connection, each moved in once
     fn new(
-        socket: Box<WsSocket>,
-        settings: &Arc<SessionSettings>,
-        conn: ConnId,
+        reader: WsReader,
+        rx: OutboxReceiver,
+        out: Outbox,
+        membership: Membership,
+        slot: Option<AddressSlot>,
+        settings: Arc<SessionSettings>,
+        who: Who,
         perms: Permissions,
     ) -> Box<Self> {
-        let WsSocket { reader, writer } = *socket;
-        let (out, rx) = outbox(settings.outbox_bytes, settings.write_buffer_bytes, writer);
         let now = Instant::now();
         let mut session = Box::new(Session {
             reader,
@@ -312,9 +381,11 @@ impl Session {
                 settings.rate_bytes,
                 (settings.max_message_bytes as u64).max(settings.rate_bytes),
             ),
-            settings: settings.clone(),
-            conn,
+            settings,
+            who,
             perms,
+            membership,
+            slot,
         });
         session.arm();
         session
@@ -322,20 +393,19 @@ impl Session {
 
     /// Serves the connection until it is to close. Returns `None` when the socket is gone,
     /// else whether the client already sent its close frame.
-    async fn serve(&mut self, room: &RoomHandle) -> Option<bool> {
+    ///
+    /// This future is what every idle connection's task holds: everything it keeps across an
+    /// await is in the session's box instead, and handing a message to the room is boxed.
+    async fn serve(&mut self) -> Option<bool> {
         loop {
-            while let Some(incoming) = self.inbox.pop_front() {
-                self.seen = true;
-                match incoming {
-                    Incoming::Binary(frame) => self.on_message(frame, room).await,
-                    Incoming::Text => self.close(
-                        CloseCode::InvalidData,
-                        "text frames are not part of the protocol".to_string(),
-                    ),
-                    Incoming::Ping(payload) => self.rx.pong(payload),
-                    Incoming::Pong => {}
-                    Incoming::Close => return Some(true),
-                }
+            loop {
+                // Only a box lives across the await: the message and its handling are in it.
+                let handling = match self.next_binary() {
+                    Next::Binary(frame) => self.on_binary(frame),
+                    Next::Empty => break,
+                    Next::Close => return Some(true),
+                };
+                handling.await;
                 if self.out.close_request().is_some() {
                     self.inbox.clear();
                 }
@@ -358,6 +428,32 @@ impl Session {
                 Step::Gone => return None,
             }
         }
+    }
+
+    /// Leaves the room, then (unless the socket is gone) sends the close frame and waits for
+    /// the client's answer; `answered` is what [`Session::serve`] returned.
+    async fn close_down(self: Box<Self>, answered: Option<bool>) {
+        let Session {
+            mut reader,
+            mut rx,
+            out,
+            settings,
+            membership,
+            slot,
+            ..
+        } = *self;
+        drop(membership);
+        if let Some(answered) = answered {
+            let request = out.close_request().cloned();
+            let (code, reason) =
+                request.map_or((CloseCode::Normal, "".into()), |r| (r.code, r.reason));
+            // Frames nobody will write are freed now.
+            rx.start_close(code.code(), &reason, None);
+            finish(&mut reader, &mut rx, &settings, answered).await;
+        }
+        METRICS.connections_open.dec();
+        drop(slot);
+        debug!("closed");
     }
 
     /// Writes what is queued, then waits for the outbox, the timer or the client.
@@ -436,48 +532,99 @@ impl Session {
         self.arm();
     }
 
-    /// Checks a binary message against the rate limits and hands it to the room.
-    async fn on_message(&mut self, frame: Bytes, room: &RoomHandle) {
+    /// Handles the inbox's messages up to its next binary one, which it returns.
+    fn next_binary(&mut self) -> Next {
+        while let Some(incoming) = self.inbox.pop_front() {
+            self.seen = true;
+            match incoming {
+                Incoming::Binary(frame) => return Next::Binary(frame),
+                Incoming::Close => return Next::Close,
+                other => self.on_control(other),
+            }
+            if self.out.close_request().is_some() {
+                self.inbox.clear();
+            }
+        }
+        Next::Empty
+    }
+
+    /// Checks a binary message against the rate limits and hands it to the room: boxed, since
+    /// a connection waiting for messages must not hold its state.
+    fn on_binary(&mut self, frame: Bytes) -> Pin<Box<impl Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let handled = match self.check_rates(frame.len()) {
+                Ok(()) => {
+                    let (conn, perms) = (self.who.conn, self.perms);
+                    handle_frame(frame, self.membership.handle(), conn, perms).await
+                }
+                Err((code, reason)) => Err(FrameError::Refused(code, reason)),
+            };
+            self.handled(handled);
+        })
+    }
+
+    /// A message other than a binary one or a close.
+    fn on_control(&mut self, incoming: Incoming) {
+        match incoming {
+            Incoming::Text => self.close(
+                CloseCode::InvalidData,
+                "text frames are not part of the protocol".to_string(),
+            ),
+            Incoming::Ping(payload) => self.rx.pong(payload),
+            Incoming::Pong | Incoming::Binary(_) | Incoming::Close => {}
+        }
+    }
+
+    /// Counts a binary message of `len` bytes and checks it against the rate limits.
+    fn check_rates(&mut self, len: usize) -> Result<(), (CloseCode, String)> {
         let s = &self.settings;
         METRICS.frames_in.inc();
-        METRICS.bytes_in.add(frame.len() as u64);
+        METRICS.bytes_in.add(len as u64);
         self.last_frame = Instant::now();
-        let refusal = if !self.messages.take(1, self.last_frame) {
+        if !self.messages.take(1, self.last_frame) {
             METRICS.refused.inc(Refused::RateLimit);
-            (
+            return Err((
                 CloseCode::RateLimited,
                 format!("more than {} messages per second", s.rate_messages),
-            )
-        } else if !self.bytes.take(frame.len() as u64, self.last_frame) {
+            ));
+        }
+        if !self.bytes.take(len as u64, self.last_frame) {
             METRICS.refused.inc(Refused::RateLimit);
-            (
+            return Err((
                 CloseCode::RateLimited,
                 format!("more than {} bytes per second", s.rate_bytes),
-            )
-        } else {
-            // Boxed: its state (about 800 bytes) would otherwise sit in every idle
-            // connection's task.
-            match Box::pin(handle_frame(frame, room, self.conn, self.perms)).await {
-                Ok(()) => {
-                    if !self.admitted {
-                        self.admitted = true;
-                        self.limit_at = match s.idle_timeout {
-                            Some(idle) => self.last_frame + idle,
-                            None => far_future(),
-                        };
-                        self.arm();
-                    }
-                    return;
+            ));
+        }
+        Ok(())
+    }
+
+    /// What follows a binary message: the first valid one admits the connection (its deadline
+    /// becomes the idle check); a refused one closes it.
+    fn handled(&mut self, handled: Result<(), FrameError>) {
+        let (code, reason) = match handled {
+            Ok(()) => {
+                if !self.admitted {
+                    self.admitted = true;
+                    self.limit_at = match self.settings.idle_timeout {
+                        Some(idle) => self.last_frame + idle,
+                        None => far_future(),
+                    };
+                    self.arm();
                 }
-                Err(FrameError::RoomGone) => (CloseCode::Restarting, "room restarting".to_string()),
-                Err(FrameError::Refused(code, reason)) => (code, reason),
+                return;
             }
+            Err(FrameError::RoomGone) => (CloseCode::Restarting, "room restarting".to_string()),
+            Err(FrameError::Refused(code, reason)) => (code, reason),
         };
-        self.close(refusal.0, refusal.1);
+        self.close(code, reason);
     }
 
     fn close(&self, code: CloseCode, reason: String) {
-        info!(code = code.code(), reason = %reason, "closing connection");
+        let who = &self.who;
+        info!(
+            conn = %who.conn, room = %who.room, peer = %who.peer, user = %who.user,
+            code = code.code(), reason = %reason, "closing connection"
+        );
         if code != CloseCode::Restarting {
             METRICS.closes.inc(code);
         }
