@@ -253,6 +253,8 @@ async fn admit(start: Box<Start>) -> Option<Box<Session>> {
     };
     METRICS.connections_opened.inc();
     METRICS.connections_open.inc();
+    // The first message's deadline counts from here, not from the end of the join.
+    let opened = Instant::now();
     let WsSocket { mut reader, writer } = *socket;
     let (out, mut rx) = outbox(settings.outbox_bytes, settings.write_buffer_bytes, writer);
     match hub.join(&who.room, who.conn, out.clone()).await {
@@ -261,7 +263,7 @@ async fn admit(start: Box<Start>) -> Option<Box<Session>> {
             // The room's own name, shared: the one parsed from this connection's path is freed.
             who.room = membership.handle().room().clone();
             Some(Session::new(
-                reader, rx, out, membership, slot, settings, who, perms,
+                reader, rx, out, membership, slot, settings, who, perms, opened,
             ))
         }
         Err(e) => {
@@ -349,7 +351,7 @@ enum Step {
 }
 
 impl Session {
-    /// A joined connection's session.
+    /// A joined connection's session; its deadlines count from `opened`.
     #[allow(clippy::too_many_arguments)] // the parts of one connection, each moved in once
     fn new(
         reader: WsReader,
@@ -360,14 +362,17 @@ impl Session {
         settings: Arc<SessionSettings>,
         who: Who,
         perms: Permissions,
+        opened: Instant,
     ) -> Box<Self> {
-        let now = Instant::now();
+        let now = opened;
         let mut session = Box::new(Session {
             reader,
             inbox: VecDeque::new(),
             rx,
             out,
-            timer: Box::pin(tokio::time::sleep(settings.first_message_timeout)),
+            timer: Box::pin(tokio::time::sleep_until(
+                now + settings.first_message_timeout,
+            )),
             ping_at: now + settings.ping_interval,
             limit_at: now + settings.first_message_timeout,
             seen: true,
