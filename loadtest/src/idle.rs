@@ -4,11 +4,14 @@
 //! For each target (tandem, the stock y-websocket server, Hocuspocus), one after another: start
 //! the server, sample its RSS (`/proc/PID/status`) and the kernel's socket figures
 //! (`/proc/net/sockstat` TCP `inuse`/`alloc`/`mem`, `/proc/meminfo` `Slab`), open the N
-//! connections (room `i % R` for connection `i`; each handshake as in the other scenarios: step 1
-//! with an empty state vector, wait for step 2), wait a settle time, sample again, then measure
-//! the server's CPU over an idle window. Clients send nothing after the sync and only read (so
-//! that pings are answered). Reported: RSS bytes per idle connection, kernel bytes per socket,
-//! idle CPU per connection, connect time, and the projection to 1,000,000 connections.
+//! connections in two halves (room `i % R` for connection `i`; each handshake as in the other
+//! scenarios: step 1 with an empty state vector, wait for step 2), wait a settle time after each
+//! half and sample again, then measure the server's CPU over an idle window. Clients send nothing
+//! after the sync and only read (so that pings are answered). Reported: RSS bytes per idle
+//! connection (all N, against the fresh server: what the server spends once is in it) and per
+//! connection of the second half (what one more connection costs, in rooms that exist already),
+//! kernel bytes per socket, idle CPU per connection, connect time, and the projection to
+//! 1,000,000 connections (from the second half's figure).
 //!
 //! Open files: this process raises its soft `RLIMIT_NOFILE` to the hard limit before it starts
 //! the server (which inherits it). Each client socket is bound to one of several source addresses
@@ -449,18 +452,30 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let specs: Vec<WorkerArgs> = (0..processes)
-        .map(|p| WorkerArgs {
-            addr: server.addr.clone(),
-            target,
-            room_prefix: format!("loadtest-idle-{stamp}"),
-            rooms: args.rooms,
-            from: p * n / processes,
-            to: (p + 1) * n / processes,
-            sources,
-            connect_concurrency: args.connect_concurrency,
-        })
-        .collect();
+    // The connections open in two halves, with a sample after each: the second half's growth
+    // divided by its connections is what one more connection costs, without what the server
+    // spends once (code first run, rooms created by the first half, the connect burst's
+    // buffers that the allocator keeps).
+    let half = n / 2;
+    let slices = |from: usize, to: usize| -> Vec<WorkerArgs> {
+        let parts = if in_process {
+            1
+        } else {
+            (to - from).div_ceil(args.per_process)
+        };
+        (0..parts)
+            .map(|p| WorkerArgs {
+                addr: server.addr.clone(),
+                target,
+                room_prefix: format!("loadtest-idle-{stamp}"),
+                rooms: args.rooms,
+                from: from + p * (to - from) / parts,
+                to: from + (p + 1) * (to - from) / parts,
+                sources,
+                connect_concurrency: args.connect_concurrency,
+            })
+            .collect()
+    };
 
     // A moment for the fresh server to finish starting up, then the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -468,9 +483,23 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
     let k_before = procstat::kernel()?;
 
     let start = Instant::now();
-    let (pool, opened) = Pool::open(specs, in_process, args.connect_timeout).await?;
-    let connect_secs = start.elapsed().as_secs_f64();
-    let connected = opened["connected"].as_u64().unwrap_or(0);
+    let (first, opened_first) =
+        Pool::open(slices(0, half), in_process, args.connect_timeout).await?;
+    let mut connect_secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(args.settle).await;
+    let mid = procstat::sample(server.pid)?;
+    let start = Instant::now();
+    let (second, opened_second) =
+        Pool::open(slices(half, n), in_process, args.connect_timeout).await?;
+    connect_secs += start.elapsed().as_secs_f64();
+    let connected_first = opened_first["connected"].as_u64().unwrap_or(0);
+    let connected_second = opened_second["connected"].as_u64().unwrap_or(0);
+    let connected = connected_first + connected_second;
+    let mut opened = opened_first.clone();
+    add(&mut opened, &opened_second, "failed");
+    if opened["first_error"].is_null() {
+        opened["first_error"] = opened_second["first_error"].clone();
+    }
 
     tokio::time::sleep(args.settle).await;
     let after = procstat::sample(server.pid)?;
@@ -482,7 +511,10 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
     let cpu1 = procstat::sample(server.pid)?;
     let window = t0.elapsed().as_secs_f64();
     let end = procstat::sample(server.pid)?;
-    let closed = pool.close().await?;
+    let mut closed = first.close().await?;
+    let closed_second = second.close().await?;
+    add(&mut closed, &closed_second, "ended_early");
+    add(&mut closed, &closed_second, "frames_after_sync");
 
     let per_conn = |x: f64| {
         if connected == 0 {
@@ -496,8 +528,15 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
     let sys = cpu1.sys_us.saturating_sub(cpu0.sys_us);
     let kernel = kernel_json(&k_before, &k_after, connected);
     let rss_per = per_conn(rss_bytes);
+    let rss_added = if connected_second == 0 {
+        Value::Null
+    } else {
+        let grown = after.rss_kib.saturating_sub(mid.rss_kib) as f64 * 1024.0;
+        json!(grown / connected_second as f64)
+    };
+    // A million connections cost about a million times what one more connection costs.
     let projection = match (
-        rss_per.as_f64(),
+        rss_added.as_f64(),
         kernel["slab_bytes_per_socket"].as_f64(),
         kernel["tcp_mem_bytes_per_socket"].as_f64(),
     ) {
@@ -529,11 +568,13 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
         "connects_per_s": connected as f64 / connect_secs.max(1e-9),
         "memory_kib": {
             "rss_before": before.rss_kib,
+            "rss_half": mid.rss_kib,
             "rss_after": after.rss_kib,
             "rss_end": end.rss_kib,
             "hwm": end.hwm_kib,
         },
         "rss_bytes_per_connection": rss_per,
+        "rss_bytes_per_added_connection": rss_added,
         "idle_cpu": {
             "window_secs": window,
             "user_us": user,
@@ -618,6 +659,10 @@ fn print_table(r: &Value) {
         (
             "RSS bytes / connection",
             Box::new(|v| f(&v["rss_bytes_per_connection"], 0)),
+        ),
+        (
+            "RSS bytes / added conn",
+            Box::new(|v| f(&v["rss_bytes_per_added_connection"], 0)),
         ),
         (
             "idle CPU %",
