@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -308,6 +308,22 @@ async fn write(
     tokio::join!(drain, send);
 }
 
+/// The runtime the probes connect and read on: one worker thread of its own, kept for the
+/// process's life.
+fn probe_runtime() -> &'static tokio::runtime::Handle {
+    static PROBES: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    PROBES
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("probes")
+                .enable_all()
+                .build()
+                .expect("the probes' runtime")
+        })
+        .handle()
+}
+
 /// Starts `target`, runs `plan` against it and stops it; the run's report.
 pub async fn run_target(plan: &Plan, target: Target) -> Res<Value> {
     let server = Server::start(target, &plan.tandem, &plan.peers, &plan.tandem_args).await?;
@@ -346,11 +362,16 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         interval_us: period.as_micros() as u64,
     });
 
-    // Connect everything, writers last in each room, a bounded number at once.
+    // Connect everything, writers last in each room, a bounded number at once. A probe connects
+    // and reads on a runtime of its own (its own thread and its own epoll), so that its receive
+    // time is taken when its frame arrives, not after the hundreds of counting connections that
+    // became readable with it: the load generator must not be what the latency measures.
     let connect_start = Instant::now();
-    let mut conns = Vec::new();
-    let mut jobs = Vec::new();
-    for (r, name) in room_names.iter().enumerate() {
+    let mut tasks = Tasks(Vec::new());
+    let mut connected: Vec<(Conn, Ws)> = Vec::new();
+    let mut batch: Vec<Conn> = Vec::new();
+    let job = |conn: &Conn| (room_names[conn.room].clone(), None);
+    for (r, _) in room_names.iter().enumerate() {
         for c in 0..plan.clients {
             let role = if c < readers && plan.is_probe(c) {
                 Role::Probe
@@ -359,21 +380,48 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
             } else {
                 Role::Writer(c - readers)
             };
-            conns.push(Conn {
+            let conn = Conn {
                 room: r,
                 role,
                 slot: c,
-            });
-            jobs.push((name.clone(), None));
+            };
+            if !matches!(conn.role, Role::Probe) {
+                batch.push(conn);
+                continue;
+            }
+            // Everything before the probe joins first, so that join order is kept.
+            let jobs = batch.iter().map(job).collect();
+            let sockets =
+                wire::connect_all(&server.addr, dialect, jobs, plan.connect_concurrency).await?;
+            connected.extend(std::mem::take(&mut batch).into_iter().zip(sockets));
+            let (addr, probe_job, sh) = (server.addr.clone(), job(&conn), Arc::clone(&shared));
+            let writers = plan.writers;
+            let (joined, joined_rx) = tokio::sync::oneshot::channel();
+            tasks.0.push(probe_runtime().spawn(async move {
+                match wire::connect_all(&addr, dialect, vec![probe_job], 1).await {
+                    Ok(mut ws) => {
+                        let _ = joined.send(Ok(()));
+                        if let Some(ws) = ws.pop() {
+                            receive(ws, dialect, conn, writers, sh).await;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = joined.send(Err(e));
+                    }
+                }
+            }));
+            joined_rx
+                .await
+                .map_err(|_| "a probe's connection task ended".to_string())??;
         }
     }
+    let jobs = batch.iter().map(job).collect();
     let sockets = wire::connect_all(&server.addr, dialect, jobs, plan.connect_concurrency).await?;
-    let connected: Vec<(Conn, Ws)> = conns.into_iter().zip(sockets).collect();
+    connected.extend(batch.into_iter().zip(sockets));
     let connect_secs = connect_start.elapsed().as_secs_f64();
     let connected_sample = procstat::sample(server.pid)?;
 
-    // Start the readers, settle, then the writers.
-    let mut tasks = Tasks(Vec::new());
+    // Start the readers (the probes already read), settle, then the writers.
     let mut writers = Vec::new();
     for (conn, ws) in connected {
         if matches!(conn.role, Role::Writer(_)) {
