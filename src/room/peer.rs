@@ -32,7 +32,10 @@ pub struct Peer {
     acks: bool,
     /// Update messages received from it.
     received: u64,
-    waiting: VecDeque<Waiting>,
+    /// What waits for a commit, boxed: most connections never ask for acknowledgements or
+    /// echoes, and every room keeps one entry per connection (a deque inline is 32 bytes).
+    #[allow(clippy::box_collection)] // the box is the point: see above
+    waiting: Option<Box<VecDeque<Waiting>>>,
 }
 
 impl Peer {
@@ -42,7 +45,7 @@ impl Peer {
             outbox,
             acks: false,
             received: 0,
-            waiting: VecDeque::new(),
+            waiting: None,
         }
     }
 
@@ -58,7 +61,7 @@ impl Peer {
 
     /// Whether anything waits for a commit.
     pub fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        self.waiting.as_ref().is_some_and(|w| !w.is_empty())
     }
 
     /// Records an update message from this connection. `needs` is the write that must commit
@@ -70,17 +73,13 @@ impl Peer {
             return Vec::new();
         }
         let count = self.received;
-        match needs {
-            // Acknowledgements are in order: an already-stored update still waits behind others.
-            Some(needs) => self.waiting.push_back(Waiting { count, needs, echo }),
-            None if self.waiting.is_empty() => {
-                return self.frames(count, echo.into_iter().collect())
-            }
-            None => {
-                let needs = self.waiting.back().map_or(0, |w| w.needs);
-                self.waiting.push_back(Waiting { count, needs, echo });
-            }
+        if needs.is_none() && !self.is_waiting() {
+            return self.frames(count, echo.into_iter().collect());
         }
+        let waiting = self.waiting.get_or_insert_with(Box::default);
+        // Acknowledgements are in order: an already-stored update still waits behind others.
+        let needs = needs.unwrap_or_else(|| waiting.back().map_or(0, |w| w.needs));
+        waiting.push_back(Waiting { count, needs, echo });
         Vec::new()
     }
 
@@ -89,8 +88,11 @@ impl Peer {
     pub fn committed(&mut self, seq: u64) -> Vec<Bytes> {
         let mut echoes = Vec::new();
         let mut last = None;
-        while self.waiting.front().is_some_and(|w| w.needs <= seq) {
-            let Some(w) = self.waiting.pop_front() else {
+        let Some(waiting) = self.waiting.as_mut() else {
+            return Vec::new();
+        };
+        while waiting.front().is_some_and(|w| w.needs <= seq) {
+            let Some(w) = waiting.pop_front() else {
                 break;
             };
             echoes.extend(w.echo);
