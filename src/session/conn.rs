@@ -576,6 +576,7 @@ impl Session {
                 "text frames are not part of the protocol".to_string(),
             ),
             Incoming::Ping(payload) => self.rx.pong(payload),
+            // Binary messages and the close frame never come here: see `next_binary`.
             Incoming::Pong | Incoming::Binary(_) | Incoming::Close => {}
         }
     }
