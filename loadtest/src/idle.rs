@@ -447,8 +447,7 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
     } else {
         args.sources
     };
-    let processes = n.div_ceil(args.per_process);
-    let in_process = processes == 1;
+    let in_process = n <= args.per_process;
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -482,15 +481,20 @@ async fn measure(args: &IdleArgs, target: Target, server: &Server) -> Res<Value>
     let before = procstat::sample(server.pid)?;
     let k_before = procstat::kernel()?;
 
+    let (first_half, second_half) = (slices(0, half), slices(half, n));
+    // Worker processes actually started (none when one process holds everything).
+    let processes = if in_process {
+        1
+    } else {
+        first_half.len() + second_half.len()
+    };
     let start = Instant::now();
-    let (first, opened_first) =
-        Pool::open(slices(0, half), in_process, args.connect_timeout).await?;
+    let (first, opened_first) = Pool::open(first_half, in_process, args.connect_timeout).await?;
     let mut connect_secs = start.elapsed().as_secs_f64();
     tokio::time::sleep(args.settle).await;
     let mid = procstat::sample(server.pid)?;
     let start = Instant::now();
-    let (second, opened_second) =
-        Pool::open(slices(half, n), in_process, args.connect_timeout).await?;
+    let (second, opened_second) = Pool::open(second_half, in_process, args.connect_timeout).await?;
     connect_secs += start.elapsed().as_secs_f64();
     let connected_first = opened_first["connected"].as_u64().unwrap_or(0);
     let connected_second = opened_second["connected"].as_u64().unwrap_or(0);

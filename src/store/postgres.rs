@@ -47,7 +47,7 @@ impl Default for PostgresOptions {
 ///
 /// - Durability: `append` returns after `COMMIT`, with the server's `synchronous_commit`.
 /// - Ids: one identity sequence; a batch reserves its ids first, so ids follow batch order.
-/// - Loads read in one `REPEATABLE READ` transaction: one consistent point in time.
+/// - Loads read the snapshot and the log in one statement: one round trip, one point in time.
 /// - Compaction takes a transaction-scoped advisory lock keyed by a 64-bit hash of the room name
 ///   (`pg_advisory_xact_lock(hashtextextended(room, 0))`, computed by the server, so every node
 ///   agrees whatever it runs), then folds and deletes exactly the rows it read. Appends take no
