@@ -11,6 +11,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod doc;
+mod hashing;
 pub mod http;
 pub mod hub;
 pub mod ids;

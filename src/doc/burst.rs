@@ -13,12 +13,11 @@
 //! keeps [`Places`] to know, and admits only edits that integrate at once, with everything they
 //! refer to already held. Everything else goes to yrs as it is, in order.
 
-use std::collections::HashMap;
-
 use tandem_protocol::lib0::write_var_uint;
 use tandem_protocol::{write_delete_set, Deletion, Edit, Id, Insert, UpdateShape};
 
 use super::places::{PlaceIdx, Places};
+use crate::hashing::FastMap;
 
 /// A run of merged characters.
 #[derive(Debug)]
@@ -56,11 +55,11 @@ struct Pieces {
 #[derive(Debug, Default)]
 pub(super) struct Burst {
     clients: Vec<Pieces>,
-    by_client: HashMap<u64, usize>,
+    by_client: FastMap<u64, usize>,
     deletions: Vec<Deletion>,
     edits: usize,
     /// Clocks held of each client: by the document, then by the burst.
-    held: HashMap<u64, u32>,
+    held: FastMap<u64, u32>,
     places: Places,
 }
 
@@ -142,7 +141,7 @@ impl Burst {
     }
 
     /// Replaces the held clocks with the document's state vector.
-    pub(super) fn refresh(&mut self, held: HashMap<u64, u32>) {
+    pub(super) fn refresh(&mut self, held: FastMap<u64, u32>) {
         self.held = held;
     }
 

@@ -11,9 +11,9 @@
 //! between neighbours sends such an item; yrs' public API does not tell where an item sits, so
 //! tandem keeps its own record, a few runs of clocks per client and place.
 
-use std::collections::HashMap;
-
 use tandem_protocol::{BlockAt, BlockKind, Id, ParentRef, UpdateShape};
+
+use crate::hashing::FastMap;
 
 /// A parent type and, for map entries, the key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,9 +87,9 @@ pub(super) struct Placed {
 /// Where each item of a document sits, as runs of clocks per client.
 #[derive(Debug, Default)]
 pub(super) struct Places {
-    runs: HashMap<u64, Vec<Run>>,
+    runs: FastMap<u64, Vec<Run>>,
     table: Vec<Place>,
-    index: HashMap<Place, PlaceIdx>,
+    index: FastMap<Place, PlaceIdx>,
 }
 
 impl Places {
@@ -330,7 +330,7 @@ impl Places {
 /// less than the room holds (fuzz finding 15 in docs/fuzzing.md).
 fn check_deleted(shape: &UpdateShape, long: &[(u64, u32, u32)]) -> Result<(), Misplaced> {
     // The delete set names each client once, with sorted ranges.
-    let mut by_client: HashMap<u64, (usize, usize)> = HashMap::new();
+    let mut by_client: FastMap<u64, (usize, usize)> = FastMap::default();
     for (k, d) in shape.deletions().iter().enumerate() {
         by_client.entry(d.client).or_insert((k, k)).1 = k + 1;
     }

@@ -1,6 +1,5 @@
 //! [`YDoc`]: a yrs document with the operations a room needs, each guarded against panics.
 
-use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -9,6 +8,7 @@ use tandem_protocol::{DependencyError, Edit, UpdateShape};
 
 use super::burst::Burst;
 use super::places::{Misplaced, Places};
+use crate::hashing::FastMap;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, Options, ReadTxn, StateVector, Transact, TransactionMut, Update};
@@ -120,7 +120,7 @@ pub struct YDoc {
     places: Places,
     /// The document's state vector, kept up to date so that checking an update does not rebuild
     /// it (yrs' `state_vector()` walks every client the document ever had).
-    held: HashMap<u64, u32>,
+    held: FastMap<u64, u32>,
 }
 
 impl Drop for YDoc {
@@ -145,7 +145,7 @@ impl YDoc {
             doc: ManuallyDrop::new(Self::new_doc()),
             poisoned: false,
             places: Places::default(),
-            held: HashMap::new(),
+            held: FastMap::default(),
         }
     }
 
@@ -208,12 +208,12 @@ impl YDoc {
     #[cfg(debug_assertions)]
     fn assert_held_is_the_state_vector(&self) {
         let sv = self.doc.transact().state_vector();
-        let real: HashMap<u64, u32> = sv
+        let real: FastMap<u64, u32> = sv
             .iter()
             .filter(|(_, &clock)| clock > 0)
             .map(|(c, &clock)| (c.get(), clock))
             .collect();
-        let kept: HashMap<u64, u32> = self
+        let kept: FastMap<u64, u32> = self
             .held
             .iter()
             .filter(|(_, &clock)| clock > 0)
@@ -569,7 +569,7 @@ fn refresh(doc: &Doc, burst: &mut Burst) {
 }
 
 /// The clocks `doc` holds of each client: its state vector, by client id.
-fn held_clocks(doc: &Doc) -> HashMap<u64, u32> {
+fn held_clocks(doc: &Doc) -> FastMap<u64, u32> {
     let sv = doc.transact().state_vector();
     sv.iter().map(|(c, &clock)| (c.get(), clock)).collect()
 }

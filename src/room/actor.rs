@@ -1,6 +1,6 @@
 //! The room actor: load, then serve the inbox until idle or shutdown, then flush and exit.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ use super::{Inbox, JoinError, OnExit, RoomCommand, RoomSettings};
 use crate::broker::envelope::{decode_sync_step1, encode_sync_step1, Envelope, Kind};
 use crate::broker::{Broker, PublishError};
 use crate::doc::{Applied, DecodedUpdate, DocError, YDoc, YrsFold};
+use crate::hashing::FastMap;
 use crate::ids::{ConnId, NodeId, RoomId};
 use crate::metrics::{Refused, METRICS};
 use crate::session::outbox::{Outbox, PushError};
@@ -81,7 +82,7 @@ pub(crate) fn spawn(
                 known_nodes: HashSet::new(),
                 notices,
                 doc: YDoc::new(),
-                peers: HashMap::new(),
+                peers: FastMap::default(),
                 ack_waiters: HashSet::new(),
                 unflushed: Vec::new(),
                 awareness: Awareness::new(),
@@ -145,7 +146,7 @@ struct Actor {
     notices_tx: mpsc::UnboundedSender<Notice>,
     listener: Arc<Notices>,
     doc: YDoc,
-    peers: HashMap<ConnId, Peer>,
+    peers: FastMap<ConnId, Peer>,
     /// Peers with acknowledgements or echoes waiting for a commit.
     ack_waiters: HashSet<ConnId>,
     /// Peers with frames queued and not yet flushed: the frames of every command handled in

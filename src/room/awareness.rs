@@ -5,12 +5,12 @@
 //! the null states to broadcast when a connection closes or a state is not renewed in time
 //! (yrs has no such sweep; y-protocols clients expect one).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tandem_protocol::awareness::{encode_entries, AwarenessEntry, AwarenessUpdate};
 use tokio::time::Instant;
 
+use crate::hashing::FastMap;
 use crate::ids::{ConnId, NodeId};
 use crate::metrics::METRICS;
 
@@ -39,7 +39,7 @@ struct ClientState {
 /// The awareness states of one room.
 #[derive(Debug, Default)]
 pub struct Awareness {
-    clients: HashMap<u64, ClientState>,
+    clients: FastMap<u64, ClientState>,
 }
 
 impl Awareness {
