@@ -6,6 +6,7 @@
 //! socket did not take.
 
 mod conn;
+mod frames;
 pub mod limits;
 pub mod outbox;
 

@@ -10,7 +10,6 @@
 //! the client resyncs when it reconnects.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -20,6 +19,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tandem_protocol::CloseCode;
 
+use super::frames::Frames;
 use crate::metrics::METRICS;
 use crate::ws::{Source, Written, WsWriter};
 
@@ -49,7 +49,7 @@ pub enum PushError {
 /// kilobyte), which matters at hundreds of thousands of idle connections.
 struct Wire {
     /// Frames queued and not yet written.
-    frames: VecDeque<Bytes>,
+    frames: Frames,
     /// Their bytes.
     queued: usize,
     writer: WsWriter,
@@ -61,7 +61,7 @@ struct Wire {
 
 /// The queue as the writer sees it; nothing more is taken once a close is requested.
 struct Queue<'a> {
-    frames: &'a mut VecDeque<Bytes>,
+    frames: &'a mut Frames,
     queued: &'a mut usize,
     closing: bool,
 }
@@ -100,18 +100,13 @@ impl Wire {
             queued,
             closing,
         };
-        let result = writer.write(cx, &mut queue, batch, written);
-        if frames.is_empty() && frames.capacity() > 0 {
-            // An idle connection keeps no queue.
-            *frames = VecDeque::new();
-        }
-        result
+        writer.write(cx, &mut queue, batch, written)
     }
 
     /// Refuses further pushes and frees the queued frames now, not when the last sender goes.
     fn abandon(&mut self) {
         self.receiver_gone = true;
-        self.frames = VecDeque::new();
+        self.frames = Frames::Empty;
         self.queued = 0;
     }
 
@@ -201,7 +196,7 @@ impl Drop for OutboxReceiver {
 pub fn outbox(budget: usize, batch: usize, writer: WsWriter) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         wire: Mutex::new(Wire {
-            frames: VecDeque::new(),
+            frames: Frames::Empty,
             queued: 0,
             writer,
             corked: false,
