@@ -68,7 +68,9 @@ pub(crate) fn spawn(
     tracker.spawn(
         async move {
             let (notices_tx, notices) = mpsc::unbounded_channel();
-            let actor = Actor {
+            // Boxed: the task's future keeps only a pointer to the room's state, not a copy of
+            // it in each of its suspended states.
+            let actor = Box::new(Actor {
                 listener: Arc::new(Notices(notices_tx.clone())),
                 notices_tx,
                 ctx,
@@ -92,7 +94,7 @@ pub(crate) fn spawn(
                 empty_since: Some(Instant::now()),
                 approx_bytes: 0,
                 on_exit: Some(on_exit),
-            };
+            });
             actor.run().await;
         }
         .instrument(span),
@@ -167,7 +169,7 @@ struct Actor {
 }
 
 impl Actor {
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         // Subscribe before loading, so nothing published meanwhile falls between the two; what
         // other nodes hold beyond the store comes with the state exchange right after.
         if let Some(broker) = &self.ctx.broker {
@@ -235,7 +237,9 @@ impl Actor {
                     // Commands already waiting are handled in the same turn, up to a bound.
                     let mut turn = COMMANDS_PER_TURN;
                     loop {
-                        if self.handle(cmd).await.is_err() || self.doc.is_poisoned() {
+                        // Boxed for the time it runs: inline, handling's state (1.2 KB) would
+                        // size every idle room's task.
+                        if Box::pin(self.handle(cmd)).await.is_err() || self.doc.is_poisoned() {
                             self.flush_peers();
                             self.close_all(CloseCode::Restarting, "room restarting");
                             // Never snapshot a document yrs panicked inside: only wait for the
