@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::awareness::{Awareness, Owner};
+use super::mailbox::Mailbox;
 use super::peer::Peer;
 use super::policy::LogState;
 use super::{Inbox, JoinError, OnExit, RoomCommand, RoomSettings};
@@ -67,12 +68,11 @@ pub(crate) fn spawn(
     let span = tracing::info_span!("room", room = %room);
     tracker.spawn(
         async move {
-            let (notices_tx, notices) = mpsc::unbounded_channel();
+            let notices = Mailbox::new();
             // Boxed: the task's future keeps only a pointer to the room's state, not a copy of
             // it in each of its suspended states.
             let actor = Box::new(Actor {
-                listener: Arc::new(Notices(notices_tx.clone())),
-                notices_tx,
+                listener: Arc::new(Notices(notices.clone())),
                 ctx,
                 room,
                 generation,
@@ -108,12 +108,12 @@ enum Notice {
     Folded { folded: Option<Compacted> },
 }
 
-/// Feeds the writer's commit callbacks into the room's notice channel.
-struct Notices(mpsc::UnboundedSender<Notice>);
+/// Feeds the writer's commit callbacks into the room's notices.
+struct Notices(Mailbox<Notice>);
 
 impl CommitListener for Notices {
     fn committed(&self, seq: u64, id: i64) {
-        let _ = self.0.send(Notice::Committed { seq, id });
+        self.0.send(Notice::Committed { seq, id });
     }
 }
 
@@ -144,8 +144,7 @@ struct Actor {
     known_nodes: HashSet<NodeId>,
     /// Commit and compaction notices. Unbounded, but bounded in practice by the writer's queue
     /// capacity (one notice per submitted update) plus one per compaction.
-    notices: mpsc::UnboundedReceiver<Notice>,
-    notices_tx: mpsc::UnboundedSender<Notice>,
+    notices: Mailbox<Notice>,
     listener: Arc<Notices>,
     doc: YDoc,
     peers: FastMap<ConnId, Peer>,
@@ -260,9 +259,9 @@ impl Actor {
                     }
                     self.flush_peers();
                 }
-                Some(notice) = self.notices.recv() => {
+                notice = self.notices.recv() => {
                     self.on_notice(notice);
-                    while let Ok(notice) = self.notices.try_recv() {
+                    while let Some(notice) = self.notices.try_recv() {
                         self.on_notice(notice);
                     }
                     self.flush_peers();
@@ -851,10 +850,10 @@ impl Actor {
     /// Folds the log in the background; the room keeps serving meanwhile.
     fn start_compaction(&mut self) {
         let job = self.fold_request();
-        let tx = self.notices_tx.clone();
+        let notices = self.notices.clone();
         tokio::spawn(async move {
             let folded = job.run().await;
-            let _ = tx.send(Notice::Folded { folded });
+            notices.send(Notice::Folded { folded });
         });
     }
 
@@ -862,10 +861,8 @@ impl Actor {
     /// the log if asked and it has a tail. Commands keep queueing in the inbox meanwhile.
     async fn flush(&mut self, fold: Fold) {
         while !self.log.all_committed() || self.log.is_folding() {
-            match self.notices.recv().await {
-                Some(n) => self.on_notice(n),
-                None => return,
-            }
+            let notice = self.notices.recv().await;
+            self.on_notice(notice);
         }
         if fold == Fold::IfTail && self.log.has_tail() {
             let folded = self.fold_request().run().await;

@@ -5,6 +5,7 @@
 
 mod actor;
 pub mod awareness;
+mod mailbox;
 pub mod peer;
 pub mod policy;
 
