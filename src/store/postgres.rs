@@ -170,13 +170,16 @@ impl Store for PostgresStore {
         }
 
         // Sorted: concurrent appends lock existing `rooms` rows in the same order, so they
-        // wait for each other instead of deadlocking.
+        // wait for each other instead of deadlocking. A room's `updated_at` moves only when the
+        // second changes (as in the SQLite store): rewriting the row on every group commit left
+        // a dead row version behind each time.
         let mut rooms: Vec<&str> = batch.iter().map(|a| a.room.as_str()).collect();
         rooms.sort_unstable();
         rooms.dedup();
         sqlx::query(
             "INSERT INTO rooms (room) SELECT * FROM UNNEST($1::text[]) \
-             ON CONFLICT (room) DO UPDATE SET updated_at = now()",
+             ON CONFLICT (room) DO UPDATE SET updated_at = excluded.updated_at \
+             WHERE date_trunc('second', rooms.updated_at) < date_trunc('second', excluded.updated_at)",
         )
         .bind(rooms)
         .execute(&mut *tx)
@@ -455,6 +458,47 @@ mod tests {
     }
 
     crate::store::suite::store_suite!(postgres_store);
+
+    #[tokio::test]
+    async fn a_rooms_updated_at_moves_once_a_second_and_never_back() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect_with(&db.url, test_options())
+            .await
+            .expect("connect to the test database");
+        store.append(&[keyed("a", 1)]).await.expect("append");
+        let row = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_as::<_, (String, String)>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("read the room")
+            }
+        };
+        let version_and_stamp = "SELECT xmin::text, updated_at::text FROM rooms WHERE room = 'a'";
+
+        // Ahead of this append's second: the append leaves the row as it is, no new version.
+        sqlx::query("UPDATE rooms SET updated_at = now() + interval '1 hour' WHERE room = 'a'")
+            .execute(&store.pool)
+            .await
+            .expect("move updated_at ahead");
+        let ahead = row(version_and_stamp).await;
+        store.append(&[keyed("a", 2)]).await.expect("append");
+        assert_eq!(row(version_and_stamp).await, ahead);
+
+        // Behind it: the append moves it to its own time.
+        sqlx::query("UPDATE rooms SET updated_at = '2000-01-01T00:00:00Z' WHERE room = 'a'")
+            .execute(&store.pool)
+            .await
+            .expect("move updated_at back");
+        store.append(&[keyed("a", 3)]).await.expect("append");
+        let (recent, _) = row(
+            "SELECT (updated_at > now() - interval '1 minute')::text, '' FROM rooms WHERE room = 'a'",
+        )
+        .await;
+        assert_eq!(recent, "true");
+        store.close().await;
+    }
 
     fn room(name: &str) -> RoomId {
         RoomId::new(name).expect("valid room name")

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,11 +24,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// different rooms proceed while a batch commits.
 const READ_CONNECTIONS: u32 = 4;
 
-/// Rows per multi-row `INSERT`. Each row binds 3 parameters, so a statement binds at most 900:
+/// Rows per multi-row `INSERT`. Each row binds 4 parameters, so a statement binds at most 960:
 /// under SQLite's bound-parameter limit even on builds that keep the pre-3.32 limit of 999 (the
 /// bundled SQLite allows 32,766). Larger statements would save little: the commit's fsync
 /// dominates.
-const ROWS_PER_INSERT: usize = 300;
+const ROWS_PER_INSERT: usize = 240;
 
 /// Row ids per `DELETE … IN (…)` of a compaction (1 parameter each, plus the room).
 const IDS_PER_DELETE: usize = 900;
@@ -257,13 +257,19 @@ async fn read_room(
 }
 
 /// Inserts `rows` (at most [`ROWS_PER_INSERT`]) in one statement and returns their ids in order.
-/// The `updates_touch_room` trigger registers each row's room.
+/// The `updates_touch_room` trigger registers each row's room, with the row's `created_at`.
 async fn insert_rows(conn: &mut SqliteConnection, rows: &[Append]) -> Result<Vec<i64>, StoreError> {
-    let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO updates (room, data, origin) ");
+    // The schema's default, `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')`, in the same format, formatted
+    // once per statement here: SQLite's formatting of the milliseconds cost more than the rest of
+    // a one-row insert (docs/benchmarks.md, session 11).
+    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let mut insert =
+        QueryBuilder::<Sqlite>::new("INSERT INTO updates (room, data, origin, created_at) ");
     insert.push_values(rows, |mut row, append| {
         row.push_bind(append.room.as_str())
             .push_bind(append.data.as_ref())
-            .push_bind(&*append.origin);
+            .push_bind(&*append.origin)
+            .push_bind(now.as_str());
     });
     insert.push(" RETURNING id");
     // SQLite does not promise RETURNING rows in insertion order, but it inserts the VALUES rows in
@@ -414,6 +420,74 @@ mod tests {
         }
         let store = SqliteStore::open(&path).await.expect("open");
         assert_eq!(store.load(&room("a")).await.expect("load").updates.len(), 3);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn appends_stamp_rows_and_new_rooms_in_the_schemas_format() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("tandem.db"))
+            .await
+            .expect("open");
+        store.append(&[append("a", b"1")]).await.expect("append");
+        let (created, shaped, recent, room_created, room_updated): (String, bool, bool, String, String) =
+            sqlx::query_as(
+                "SELECT u.created_at, \
+                 u.created_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z', \
+                 abs(julianday(u.created_at) - julianday('now')) < 1.0 / 1440, \
+                 r.created_at, r.updated_at \
+                 FROM updates u JOIN rooms r ON r.room = u.room",
+            )
+            .fetch_one(&store.write)
+            .await
+            .expect("read the stamps");
+        assert!(shaped, "{created} is not %Y-%m-%dT%H:%M:%fZ");
+        assert!(recent, "{created} is not within a minute of now");
+        assert_eq!(
+            (room_created.as_str(), room_updated.as_str()),
+            (created.as_str(), created.as_str())
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_rooms_updated_at_moves_once_a_second_and_never_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("tandem.db"))
+            .await
+            .expect("open");
+        let mut stamps = Vec::new();
+        for at in [
+            "2030-01-01T00:00:00.100Z",
+            "2030-01-01T00:00:00.900Z",
+            "2030-01-01T00:00:01.000Z",
+            "2029-12-31T23:59:59.999Z",
+        ] {
+            sqlx::query(
+                "INSERT INTO updates (room, data, origin, created_at) VALUES ('r', x'00', 'test', ?)",
+            )
+            .bind(at)
+            .execute(&store.write)
+            .await
+            .expect("insert");
+            let stamp: (String, String) =
+                sqlx::query_as("SELECT created_at, updated_at FROM rooms WHERE room = 'r'")
+                    .fetch_one(&store.write)
+                    .await
+                    .expect("read the room");
+            stamps.push(stamp);
+        }
+        let first = "2030-01-01T00:00:00.100Z".to_owned();
+        let next_second = "2030-01-01T00:00:01.000Z".to_owned();
+        assert_eq!(
+            stamps,
+            [
+                (first.clone(), first.clone()),
+                (first.clone(), first.clone()),
+                (first.clone(), next_second.clone()),
+                (first, next_second),
+            ]
+        );
         store.close().await;
     }
 
