@@ -20,7 +20,9 @@
 //! clients send cursor awareness updates at a rate (latency, deliveries per second, losses, CPU
 //! per delivery); both against the same targets.
 //! `disk` measures the disk's `fdatasync` latency, the floor under any durable
-//! acknowledgement. Everything it starts it stops; every wait has a deadline.
+//! acknowledgement; `relay` measures the floor under `rooms`' CPU per delivery: a bare relay
+//! thread that sends each delivery with one `write` and does nothing else. Everything it starts
+//! it stops; every wait has a deadline.
 
 mod awareness;
 mod charts;
@@ -32,6 +34,7 @@ mod join_storm;
 mod peers;
 mod procstat;
 mod progress;
+mod relay;
 mod rooms;
 mod soak;
 mod wire;
@@ -86,6 +89,10 @@ enum Command {
     /// commit waits for): p50 to max and every stall, to tell the machine's tail from the
     /// server's.
     Disk(disk::DiskArgs),
+    /// The floor under `rooms`' CPU per delivery on this machine: one thread relays frames
+    /// between loopback sockets laid out like `rooms` (epoll, one write per delivery, nothing
+    /// else); its own user and system CPU per delivery.
+    Relay(relay::RelayArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,6 +155,7 @@ fn main() {
             Command::Awareness(args) => awareness::awareness(args).await,
             Command::Soak(args) => soak::soak(args).await,
             Command::Disk(args) => disk::disk(args).await,
+            Command::Relay(args) => relay::relay(args).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(2));
