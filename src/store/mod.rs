@@ -18,6 +18,7 @@
 //! Store implementations know nothing of rooms or CRDTs: they move bytes, and ask a [`Fold`]
 //! (implemented by the document engine) to merge them.
 
+mod held;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

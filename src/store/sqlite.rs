@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -10,8 +11,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 
+use super::held::HeldConnection;
 use super::{
     fold_rows, nothing_folded, Append, Compacted, Fold, Snapshot, Store, StoreError, StoredRoom,
 };
@@ -46,13 +48,13 @@ const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     /// One connection. SQLite admits one writer at a time; funnelling this process's writes
-    /// through a single connection queues them in the pool instead of having several connections
+    /// through a single connection queues them on its lock instead of having several connections
     /// contend for the file lock (busy waits, `SQLITE_BUSY`), and the group-commit writer already
     /// turns many small appends into one transaction.
-    write: SqlitePool,
-    /// Connections for `load`, `rooms` and `ping`. For an in-memory database this is the write
-    /// pool itself: its data lives only as long as its one connection.
-    read: SqlitePool,
+    write: Arc<HeldConnection>,
+    /// Connections for `load`, `rooms` and `ping`. `None` for an in-memory database, whose data
+    /// lives only in its one connection: everything goes through `write`.
+    read: Option<SqlitePool>,
 }
 
 impl SqliteStore {
@@ -95,20 +97,19 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT);
-        // One connection, kept for the life of the process. No ping before each use (sqlx's
-        // default): it was a round trip to the connection's thread on every group commit. sqlx
-        // still pings it when it is released and replaces it if broken; the writer retries.
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .test_before_acquire(false)
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        // One connection, kept for the life of the process, and opened again if it breaks (the
+        // writer retries meanwhile).
+        let write = HeldConnection::open(options.clone(), !in_memory).await?;
+        {
+            let mut conn = write.lock().await?;
+            let migrated = sqlx::migrate!("./migrations/sqlite")
+                .run(&mut *conn)
+                .await
+                .map_err(StoreError::from);
+            conn.check(migrated)?;
+        }
         let read = if in_memory {
-            write.clone()
+            None
         } else {
             // All of them open from the start and kept: a node's open files do not grow with its
             // first loads (the soak scenario checks that they return to where they started).
@@ -117,20 +118,27 @@ impl SqliteStore {
                 .min_connections(READ_CONNECTIONS)
                 .idle_timeout(None)
                 .connect_with(options)
-                .await?
+                .await
+                .map(Some)?
         };
-        Ok(Self { write, read })
+        Ok(Self {
+            write: Arc::new(write),
+            read,
+        })
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
-        // One read transaction: both SELECTs see the same WAL snapshot, so a compaction committing
-        // in between cannot make us pair an old snapshot with an already-pruned log.
-        let mut tx = self.read.begin().await?;
-        let (snapshot, updates) = read_room(&mut tx, room).await?;
-        tx.commit().await?;
+        let (snapshot, updates) = match &self.read {
+            Some(pool) => load_in(&mut *pool.acquire().await?, room).await?,
+            None => {
+                let mut conn = self.write.lock().await?;
+                let loaded = load_in(&mut conn, room).await;
+                conn.check(loaded)?
+            }
+        };
         Ok(StoredRoom { snapshot, updates })
     }
 
@@ -138,72 +146,35 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        if batch.len() <= ROWS_PER_INSERT {
+        let mut conn = self.write.lock().await?;
+        let appended = if batch.len() <= ROWS_PER_INSERT {
             // One statement, atomic on its own (SQLite runs it in a transaction of its own, and
             // a trigger marks the rooms in it): one round trip to the database's thread instead
             // of four (begin, insert, mark the rooms, commit).
-            let mut conn = self.write.acquire().await?;
-            return insert_rows(&mut conn, batch).await;
-        }
-        let mut tx = self.write.begin_with(BEGIN_WRITE).await?;
-        let mut ids = Vec::with_capacity(batch.len());
-        for chunk in batch.chunks(ROWS_PER_INSERT) {
-            ids.extend(insert_rows(&mut tx, chunk).await?);
-        }
-        tx.commit().await?;
-        Ok(ids)
+            insert_rows(&mut conn, batch).await
+        } else {
+            append_in_chunks(&mut conn, batch).await
+        };
+        conn.check(appended)
     }
 
     async fn compact(&self, room: &RoomId, fold: &dyn Fold) -> Result<Compacted, StoreError> {
-        // The write lock, held from the first read to the commit: no other compaction, in this
-        // process or another, can fold or delete these rows meanwhile, and no append can slip a
-        // row in between the read and the delete (deleting by id would be safe even if it could).
-        let mut tx = self.write.begin_with(BEGIN_WRITE).await?;
-        let (stored, rows) = read_room(&mut tx, room).await?;
-        let Some((snapshot, compacted)) = fold_rows(fold, stored.as_ref(), &rows)? else {
-            tx.rollback().await?;
-            return Ok(nothing_folded(stored.as_ref()));
-        };
-        sqlx::query(
-            "INSERT INTO snapshots (room, upto_id, state, state_vector) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (room) DO UPDATE SET upto_id = excluded.upto_id, state = excluded.state, \
-             state_vector = excluded.state_vector, updated_at = excluded.updated_at",
-        )
-        .bind(room.as_str())
-        .bind(snapshot.upto_id)
-        .bind(snapshot.state.as_ref())
-        .bind(snapshot.state_vector.as_ref())
-        .execute(&mut *tx)
-        .await?;
-        // Exactly the rows read, by id (chunked under the bound-parameter limit).
-        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
-        for chunk in ids.chunks(IDS_PER_DELETE) {
-            let mut delete = QueryBuilder::<Sqlite>::new("DELETE FROM updates WHERE room = ");
-            delete.push_bind(room.as_str()).push(" AND id IN (");
-            let mut list = delete.separated(", ");
-            for id in chunk {
-                list.push_bind(*id);
-            }
-            list.push_unseparated(")");
-            let deleted = delete.build().execute(&mut *tx).await?.rows_affected();
-            if deleted != chunk.len() as u64 {
-                // Impossible while we hold the write lock; refuse rather than store a snapshot
-                // that disagrees with the log.
-                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                    "compaction deleted {deleted} of {} folded rows",
-                    chunk.len()
-                ))));
-            }
-        }
-        tx.commit().await?;
-        Ok(compacted)
+        let mut conn = self.write.lock().await?;
+        let compacted = compact_in(&mut conn, room, fold).await;
+        conn.check(compacted)
     }
 
     async fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
         // BINARY collation compares UTF-8 bytes, the same order as `RoomId`'s `Ord`.
-        let names: Vec<String> = sqlx::query_scalar("SELECT room FROM rooms ORDER BY room")
-            .fetch_all(&self.read)
-            .await?;
+        let query = sqlx::query_scalar("SELECT room FROM rooms ORDER BY room");
+        let names: Vec<String> = match &self.read {
+            Some(pool) => query.fetch_all(pool).await?,
+            None => {
+                let mut conn = self.write.lock().await?;
+                let names = query.fetch_all(&mut *conn).await.map_err(StoreError::from);
+                conn.check(names)?
+            }
+        };
         names
             .iter()
             .map(|name| {
@@ -214,21 +185,104 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.read).await?;
+        let query = sqlx::query("SELECT 1");
+        match &self.read {
+            Some(pool) => query.execute(pool).await.map(drop)?,
+            None => {
+                let mut conn = self.write.lock().await?;
+                let pinged = query.execute(&mut *conn).await.map_err(StoreError::from);
+                conn.check(pinged).map(drop)?
+            }
+        }
         Ok(())
     }
 
     async fn close(&self) {
-        self.read.close().await;
+        if let Some(pool) = &self.read {
+            pool.close().await;
+        }
         self.write.close().await;
     }
 }
 
-/// Reads a room's snapshot and every row of its log, in id order, inside `tx`.
-async fn read_room(
-    tx: &mut sqlx::SqliteConnection,
+/// One read transaction: both SELECTs see the same WAL snapshot, so a compaction committing in
+/// between cannot make us pair an old snapshot with an already-pruned log.
+async fn load_in(conn: &mut SqliteConnection, room: &RoomId) -> Result<Loaded, StoreError> {
+    let mut tx = conn.begin().await?;
+    let loaded = read_room(&mut tx, room).await?;
+    tx.commit().await?;
+    Ok(loaded)
+}
+
+/// Appends a batch larger than one statement takes, in one transaction.
+async fn append_in_chunks(
+    conn: &mut SqliteConnection,
+    batch: &[Append],
+) -> Result<Vec<i64>, StoreError> {
+    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+    let mut ids = Vec::with_capacity(batch.len());
+    for chunk in batch.chunks(ROWS_PER_INSERT) {
+        ids.extend(insert_rows(&mut tx, chunk).await?);
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Folds `room`'s log into its snapshot through `conn`: see [`Store::compact`].
+async fn compact_in(
+    conn: &mut SqliteConnection,
     room: &RoomId,
-) -> Result<(Option<Snapshot>, Vec<(i64, Bytes)>), StoreError> {
+    fold: &dyn Fold,
+) -> Result<Compacted, StoreError> {
+    // The write lock, held from the first read to the commit: no other compaction, in this
+    // process or another, can fold or delete these rows meanwhile, and no append can slip a
+    // row in between the read and the delete (deleting by id would be safe even if it could).
+    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+    let (stored, rows) = read_room(&mut tx, room).await?;
+    let Some((snapshot, compacted)) = fold_rows(fold, stored.as_ref(), &rows)? else {
+        tx.rollback().await?;
+        return Ok(nothing_folded(stored.as_ref()));
+    };
+    sqlx::query(
+        "INSERT INTO snapshots (room, upto_id, state, state_vector) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (room) DO UPDATE SET upto_id = excluded.upto_id, state = excluded.state, \
+         state_vector = excluded.state_vector, updated_at = excluded.updated_at",
+    )
+    .bind(room.as_str())
+    .bind(snapshot.upto_id)
+    .bind(snapshot.state.as_ref())
+    .bind(snapshot.state_vector.as_ref())
+    .execute(&mut *tx)
+    .await?;
+    // Exactly the rows read, by id (chunked under the bound-parameter limit).
+    let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+    for chunk in ids.chunks(IDS_PER_DELETE) {
+        let mut delete = QueryBuilder::<Sqlite>::new("DELETE FROM updates WHERE room = ");
+        delete.push_bind(room.as_str()).push(" AND id IN (");
+        let mut list = delete.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        list.push_unseparated(")");
+        let deleted = delete.build().execute(&mut *tx).await?.rows_affected();
+        if deleted != chunk.len() as u64 {
+            // Impossible while we hold the write lock; refuse rather than store a snapshot
+            // that disagrees with the log.
+            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "compaction deleted {deleted} of {} folded rows",
+                chunk.len()
+            ))));
+        }
+    }
+    tx.commit().await?;
+    Ok(compacted)
+}
+
+/// A room's snapshot and log as read by [`read_room`].
+type Loaded = (Option<Snapshot>, Vec<(i64, Bytes)>);
+
+/// Reads a room's snapshot and every row of its log, in id order, inside `tx`.
+async fn read_room(tx: &mut SqliteConnection, room: &RoomId) -> Result<Loaded, StoreError> {
     let snapshot = sqlx::query("SELECT upto_id, state, state_vector FROM snapshots WHERE room = ?")
         .bind(room.as_str())
         .fetch_optional(&mut *tx)
@@ -432,7 +486,7 @@ mod tests {
             let store = SqliteStore::open(&path).await.expect("open");
             store.append(&[append("a", b"x")]).await.expect("append");
             let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
-                .fetch_one(&store.read)
+                .fetch_one(&mut *store.write.lock().await.expect("lock"))
                 .await
                 .expect("count migrations");
             let embedded = sqlx::migrate!("./migrations/sqlite").migrations.len();
@@ -459,7 +513,7 @@ mod tests {
                  r.created_at, r.updated_at \
                  FROM updates u JOIN rooms r ON r.room = u.room",
             )
-            .fetch_one(&store.write)
+            .fetch_one(&mut *store.write.lock().await.expect("lock"))
             .await
             .expect("read the stamps");
         assert!(shaped, "{created} is not %Y-%m-%dT%H:%M:%fZ");
@@ -505,12 +559,12 @@ mod tests {
                 "INSERT INTO updates (room, data, origin, created_at) VALUES ('r', x'00', 'test', ?)",
             )
             .bind(at)
-            .execute(&store.write)
+            .execute(&mut *store.write.lock().await.expect("lock"))
             .await
             .expect("insert");
             let stamp: (String, String) =
                 sqlx::query_as("SELECT created_at, updated_at FROM rooms WHERE room = 'r'")
-                    .fetch_one(&store.write)
+                    .fetch_one(&mut *store.write.lock().await.expect("lock"))
                     .await
                     .expect("read the room");
             stamps.push(stamp);
@@ -536,13 +590,13 @@ mod tests {
             .await
             .expect("open");
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&store.write)
+            .fetch_one(&mut *store.write.lock().await.expect("lock"))
             .await
             .expect("journal_mode");
         assert_eq!(mode, "wal");
         // FULL is 2.
         let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&store.write)
+            .fetch_one(&mut *store.write.lock().await.expect("lock"))
             .await
             .expect("synchronous");
         assert_eq!(sync, 2);
