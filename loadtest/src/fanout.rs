@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::peers::{self, Cell, Target};
-use crate::procstat;
 use crate::rooms::{self, Plan};
+use crate::{procstat, rounds};
 
 type Res<T> = Result<T, String>;
 
@@ -62,6 +62,10 @@ pub struct FanoutArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run the targets round-robin this many times: the table shows each target's median run
+    /// (by total CPU per delivery) and the range over the rounds; the JSON has every run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 /// Runs the scenario against every target in turn and prints one report.
@@ -90,14 +94,20 @@ pub async fn fanout(args: FanoutArgs) -> Res<()> {
         // The default of 5,000 connections per room would cap --observers.
         tandem_args: vec!["--max-connections-per-room", "0"],
     };
-    let mut runs = Vec::new();
-    for &target in &args.targets {
-        eprintln!("fanout: {} ...", target.name());
-        let mut report = peers::report_or_error(target, rooms::run_target(&plan, target).await);
-        verdict(&mut report, args.target_p99_ms);
-        runs.push(report);
-    }
-    let report = json!({
+    let (plan, target_p99_ms) = (&plan, args.target_p99_ms);
+    let all = rounds::round_robin(
+        "fanout",
+        &args.targets,
+        args.rounds as usize,
+        |target| async move {
+            let mut report = peers::report_or_error(target, rooms::run_target(plan, target).await);
+            verdict(&mut report, target_p99_ms);
+            report
+        },
+    )
+    .await;
+    let runs = rounds::medians(&all);
+    let mut report = json!({
         "scenario": "fanout",
         "observers": args.observers,
         "probes": args.probes,
@@ -106,9 +116,12 @@ pub async fn fanout(args: FanoutArgs) -> Res<()> {
         "window_secs": args.duration.as_secs_f64(),
         "target_p99_ms": args.target_p99_ms,
         "open_files_limit": nofile,
-        "runs": runs,
         "ratios_vs_tandem": peers::cpu_ratios(&runs),
+        "runs": runs,
     });
+    if all.len() > 1 {
+        report["all_rounds"] = json!(all);
+    }
     peers::emit(&report, args.out.as_deref(), args.json, print_table)
 }
 
@@ -166,6 +179,7 @@ fn print_table(r: &Value) {
     ]);
     rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
+    rounds::print_spread(&runs);
     // Latency by the probe's place in the join order: a server that writes to its connections
     // one after another shows it growing along the order.
     for run in &runs {

@@ -14,7 +14,9 @@
 //! projection to a million connections. `soak` churns a steady population over R rooms for
 //! minutes, samples the server's RSS, threads and open files every second and reports whether
 //! they return to their baseline once everyone left. `rooms`, `fanout` and `soak` take
-//! `--out DIR` for a results folder (report.json and SVG charts, [`charts`]).
+//! `--out DIR` for a results folder (report.json and SVG charts, [`charts`]); `rooms` and
+//! `fanout` take `--rounds N` to run their targets round-robin N times and report each one's
+//! median run ([`rounds`]).
 //! `join-storm` has N clients join one room holding a large document at once (time to the whole
 //! document, failures, server CPU, peak memory, bytes per join); `awareness` has R rooms × C
 //! clients send cursor awareness updates at a rate (latency, deliveries per second, losses, CPU
@@ -36,6 +38,7 @@ mod procstat;
 mod progress;
 mod relay;
 mod rooms;
+mod rounds;
 mod soak;
 mod wire;
 

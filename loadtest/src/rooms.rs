@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::peers::{self, Cell, Server, Target};
 use crate::wire::{self, now_us, Dialect, ProbeDoc, Tasks, Ws};
-use crate::{charts, procstat, progress};
+use crate::{charts, procstat, progress, rounds};
 
 type Res<T> = Result<T, String>;
 
@@ -68,6 +68,10 @@ pub struct RoomsArgs {
     /// second).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Run the targets round-robin this many times: the table shows each target's median run
+    /// (by total CPU per delivery) and the range over the rounds; the JSON has every run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -154,13 +158,16 @@ pub async fn rooms(args: RoomsArgs) -> Res<()> {
         eprintln!("warning: {conns} connections with an open-files limit of {nofile}");
     }
     let plan = args.plan();
-    let mut runs = Vec::new();
-    for &target in &args.targets {
-        eprintln!("rooms: {} ...", target.name());
-        let report = peers::report_or_error(target, run_target(&plan, target).await);
-        runs.push(report);
-    }
-    let report = json!({
+    let plan = &plan;
+    let all = rounds::round_robin(
+        "rooms",
+        &args.targets,
+        args.rounds as usize,
+        |target| async move { peers::report_or_error(target, run_target(plan, target).await) },
+    )
+    .await;
+    let runs = rounds::medians(&all);
+    let mut report = json!({
         "scenario": "rooms",
         "rooms": args.rooms,
         "clients_per_room": args.clients,
@@ -171,9 +178,12 @@ pub async fn rooms(args: RoomsArgs) -> Res<()> {
         "warmup_secs": args.warmup.as_secs_f64(),
         "window_secs": args.duration.as_secs_f64(),
         "open_files_limit": nofile,
-        "runs": runs,
         "ratios_vs_tandem": peers::cpu_ratios(&runs),
+        "runs": runs,
     });
+    if all.len() > 1 {
+        report["all_rounds"] = json!(all);
+    }
     peers::emit(&report, args.out.as_deref(), args.json, print_table)
 }
 
@@ -592,4 +602,5 @@ fn print_table(r: &Value) {
     ]);
     rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
+    rounds::print_spread(&runs);
 }
