@@ -17,17 +17,27 @@ use super::StoreError;
 /// A pool also replaces a connection whose thread is gone; this does the same: after an
 /// operation fails with [`sqlx::Error::WorkerCrashed`], the next [`lock`](Self::lock) opens a new
 /// connection. Except for an in-memory database, whose data would not survive that: its
-/// connection keeps reporting the error.
+/// connection keeps reporting the error. Once [closed](Self::close), it refuses every use, as a
+/// closed pool does.
 #[derive(Debug)]
 pub(crate) struct HeldConnection {
     options: SqliteConnectOptions,
     reopen: bool,
-    conn: Mutex<Option<SqliteConnection>>,
+    conn: Mutex<Slot>,
+}
+
+/// What the lock guards.
+#[derive(Debug)]
+enum Slot {
+    Open(SqliteConnection),
+    /// The last use found the connection's thread gone: the next use opens a new one.
+    Broken,
+    Closed,
 }
 
 /// The held connection, locked for one user: dereferences to the connection.
 pub(crate) struct Held<'a> {
-    guard: MutexGuard<'a, Option<SqliteConnection>>,
+    guard: MutexGuard<'a, Slot>,
     reopen: bool,
 }
 
@@ -42,16 +52,21 @@ impl HeldConnection {
         Ok(Self {
             options,
             reopen,
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(Slot::Open(conn)),
         })
     }
 
     /// Waits for the connection, opening it again first if the last use found it broken.
+    /// Fails with [`sqlx::Error::PoolClosed`] once the connection is closed.
     pub(crate) async fn lock(&self) -> Result<Held<'_>, StoreError> {
         let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(SqliteConnection::connect_with(&self.options).await?);
-            tracing::warn!("the SQLite connection was broken; opened a new one");
+        match *guard {
+            Slot::Closed => return Err(StoreError::Database(sqlx::Error::PoolClosed)),
+            Slot::Broken => {
+                *guard = Slot::Open(SqliteConnection::connect_with(&self.options).await?);
+                tracing::warn!("the SQLite connection was broken; opened a new one");
+            }
+            Slot::Open(_) => {}
         }
         Ok(Held {
             guard,
@@ -59,9 +74,10 @@ impl HeldConnection {
         })
     }
 
-    /// Closes the connection once its current user is done; a later `lock` opens a new one.
+    /// Closes the connection once its current user is done; later uses fail.
     pub(crate) async fn close(&self) {
-        if let Some(conn) = self.conn.lock().await.take() {
+        let mut guard = self.conn.lock().await;
+        if let Slot::Open(conn) = std::mem::replace(&mut *guard, Slot::Closed) {
             let _ = conn.close().await;
         }
     }
@@ -77,7 +93,7 @@ impl Held<'_> {
                 Err(StoreError::Database(sqlx::Error::WorkerCrashed))
             )
         {
-            *self.guard = None;
+            *self.guard = Slot::Broken;
         }
         result
     }
@@ -87,17 +103,23 @@ impl Deref for Held<'_> {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        self.guard
-            .as_ref()
-            .expect("a Held is made only around an open connection")
+        match &*self.guard {
+            Slot::Open(conn) => conn,
+            Slot::Broken | Slot::Closed => {
+                unreachable!("a Held is made only around an open connection")
+            }
+        }
     }
 }
 
 impl DerefMut for Held<'_> {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.guard
-            .as_mut()
-            .expect("a Held is made only around an open connection")
+        match &mut *self.guard {
+            Slot::Open(conn) => conn,
+            Slot::Broken | Slot::Closed => {
+                unreachable!("a Held is made only around an open connection")
+            }
+        }
     }
 }
 
@@ -154,6 +176,16 @@ mod tests {
         ));
         assert!(!same_connection(&held).await, "a new connection");
         held.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_refuses_every_use() {
+        let held = marked(SqliteConnectOptions::new().in_memory(true), false).await;
+        held.close().await;
+        assert!(matches!(
+            held.lock().await.err(),
+            Some(StoreError::Database(sqlx::Error::PoolClosed))
+        ));
     }
 
     #[tokio::test]
