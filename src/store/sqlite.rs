@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -128,17 +129,30 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Runs `op` on a read connection, or on the write connection for an in-memory database.
+    async fn reading<T>(
+        &self,
+        op: impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match &self.read {
+            Some(pool) => op(&mut *pool.acquire().await?).await,
+            None => {
+                let mut conn = self.write.lock().await?;
+                let result = op(&mut conn).await;
+                conn.check(result)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
-        let (snapshot, updates) = match &self.read {
-            Some(pool) => load_in(&mut *pool.acquire().await?, room).await?,
-            None => {
-                let mut conn = self.write.lock().await?;
-                let loaded = load_in(&mut conn, room).await;
-                conn.check(loaded)?
-            }
-        };
+        let room = room.clone();
+        let (snapshot, updates) = self
+            .reading(move |conn| Box::pin(async move { load_in(conn, &room).await }))
+            .await?;
         Ok(StoredRoom { snapshot, updates })
     }
 
@@ -166,15 +180,15 @@ impl Store for SqliteStore {
 
     async fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
         // BINARY collation compares UTF-8 bytes, the same order as `RoomId`'s `Ord`.
-        let query = sqlx::query_scalar("SELECT room FROM rooms ORDER BY room");
-        let names: Vec<String> = match &self.read {
-            Some(pool) => query.fetch_all(pool).await?,
-            None => {
-                let mut conn = self.write.lock().await?;
-                let names = query.fetch_all(&mut *conn).await.map_err(StoreError::from);
-                conn.check(names)?
-            }
-        };
+        let names: Vec<String> = self
+            .reading(|conn| {
+                Box::pin(async move {
+                    Ok(sqlx::query_scalar("SELECT room FROM rooms ORDER BY room")
+                        .fetch_all(conn)
+                        .await?)
+                })
+            })
+            .await?;
         names
             .iter()
             .map(|name| {
@@ -185,16 +199,13 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let query = sqlx::query("SELECT 1");
-        match &self.read {
-            Some(pool) => query.execute(pool).await.map(drop)?,
-            None => {
-                let mut conn = self.write.lock().await?;
-                let pinged = query.execute(&mut *conn).await.map_err(StoreError::from);
-                conn.check(pinged).map(drop)?
-            }
-        }
-        Ok(())
+        self.reading(|conn| {
+            Box::pin(async move {
+                sqlx::query("SELECT 1").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn close(&self) {
