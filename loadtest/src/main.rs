@@ -36,6 +36,7 @@ mod join_storm;
 mod peers;
 mod procstat;
 mod progress;
+mod raw;
 mod relay;
 mod rooms;
 mod rounds;

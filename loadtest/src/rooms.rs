@@ -5,7 +5,7 @@
 //! epoch) into their own Y.Array (`ts{w}`) at the room's rate, one transaction and one sync update
 //! message per update. P probes decode every update with yrs and record latency (receive time −
 //! send time, one clock) in an HDR histogram corrected for coordinated omission. The other
-//! connections only count update messages. The server's user and system CPU time
+//! connections only count update messages, over the raw client of [`crate::raw`]. The server's user and system CPU time
 //! (`/proc/PID/stat`) and memory (`/proc/PID/status`) are sampled when the warmup ends and when
 //! the measured window ends; deliveries are counted at the same instants, and so are the load
 //! generator's own CPU and the machine's busy time (what else ran). Deliveries are also counted
@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::peers::{self, Cell, Server, Target};
+use crate::raw::{self, Next, RawConn};
 use crate::wire::{self, now_us, Dialect, ProbeDoc, Tasks, Ws};
 use crate::{charts, procstat, progress, rounds};
 
@@ -243,7 +244,7 @@ fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
-/// Reads a non-writer connection until it ends: counts update messages; probes also decode them.
+/// Reads a probe's connection until it ends: counts update messages and decodes them.
 async fn receive(ws: Ws, dialect: Dialect, conn: Conn, writers: usize, shared: Arc<Shared>) {
     let (_sink, mut stream) = ws.split();
     let counter = &shared.rooms[conn.room].received[conn.slot];
@@ -284,6 +285,51 @@ async fn receive(ws: Ws, dialect: Dialect, conn: Conn, writers: usize, shared: A
         }
     }
     shared.dropped.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Reads a counting connection until it ends: counts update messages.
+async fn count(mut raw: RawConn, dialect: Dialect, conn: Conn, shared: Arc<Shared>) {
+    let counter = &shared.rooms[conn.room].received[conn.slot];
+    let _ended = raw
+        .read_messages(|m| {
+            let n = wire::parse(dialect, m).updates.len() as u64;
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+            Next::More
+        })
+        .await;
+    shared.dropped.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The joined connections that are not probes, by kind.
+#[derive(Default)]
+struct Connected {
+    /// Raw connections that count ([`count`]).
+    counters: Vec<(Conn, RawConn)>,
+    /// The writers' WebSockets.
+    writers: Vec<(Conn, Ws)>,
+}
+
+/// Joins `batch` (counters first, then writers), at most `plan.connect_concurrency` at once.
+async fn connect_batch(
+    plan: &Plan,
+    addr: &str,
+    dialect: Dialect,
+    batch: Vec<Conn>,
+    job: &dyn Fn(&Conn) -> (String, Option<std::net::Ipv4Addr>),
+    connected: &mut Connected,
+) -> Res<()> {
+    let (writers, counters): (Vec<Conn>, Vec<Conn>) = batch
+        .into_iter()
+        .partition(|c| matches!(c.role, Role::Writer(_)));
+    let jobs = counters.iter().map(job).collect();
+    let raws = raw::join_all(addr, dialect, jobs, plan.connect_concurrency).await?;
+    connected.counters.extend(counters.into_iter().zip(raws));
+    let jobs = writers.iter().map(job).collect();
+    let sockets = wire::connect_all(addr, dialect, jobs, plan.connect_concurrency).await?;
+    connected.writers.extend(writers.into_iter().zip(sockets));
+    Ok(())
 }
 
 /// Sends updates from `start + offset` every `period` until `end`; drains what comes back.
@@ -378,7 +424,7 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
     // became readable with it: the load generator must not be what the latency measures.
     let connect_start = Instant::now();
     let mut tasks = Tasks(Vec::new());
-    let mut connected: Vec<(Conn, Ws)> = Vec::new();
+    let mut connected = Connected::default();
     let mut batch: Vec<Conn> = Vec::new();
     let job = |conn: &Conn| (room_names[conn.room].clone(), None);
     for (r, _) in room_names.iter().enumerate() {
@@ -400,10 +446,8 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
                 continue;
             }
             // Everything before the probe joins first, so that join order is kept.
-            let jobs = batch.iter().map(job).collect();
-            let sockets =
-                wire::connect_all(&server.addr, dialect, jobs, plan.connect_concurrency).await?;
-            connected.extend(std::mem::take(&mut batch).into_iter().zip(sockets));
+            let before = std::mem::take(&mut batch);
+            connect_batch(plan, &server.addr, dialect, before, &job, &mut connected).await?;
             let (addr, probe_job, sh) = (server.addr.clone(), job(&conn), Arc::clone(&shared));
             let writers = plan.writers;
             let (joined, joined_rx) = tokio::sync::oneshot::channel();
@@ -425,24 +469,16 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
                 .map_err(|_| "a probe's connection task ended".to_string())??;
         }
     }
-    let jobs = batch.iter().map(job).collect();
-    let sockets = wire::connect_all(&server.addr, dialect, jobs, plan.connect_concurrency).await?;
-    connected.extend(batch.into_iter().zip(sockets));
+    connect_batch(plan, &server.addr, dialect, batch, &job, &mut connected).await?;
     let connect_secs = connect_start.elapsed().as_secs_f64();
     let connected_sample = procstat::sample(server.pid)?;
 
-    // Start the readers (the probes already read), settle, then the writers.
-    let mut writers = Vec::new();
-    for (conn, ws) in connected {
-        if matches!(conn.role, Role::Writer(_)) {
-            writers.push((conn, ws));
-        } else {
-            let sh = Arc::clone(&shared);
-            tasks
-                .0
-                .push(tokio::spawn(receive(ws, dialect, conn, plan.writers, sh)));
-        }
+    // Start the counters (the probes already read), settle, then the writers.
+    for (conn, raw) in connected.counters {
+        let sh = Arc::clone(&shared);
+        tasks.0.push(tokio::spawn(count(raw, dialect, conn, sh)));
     }
+    let writers = connected.writers;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now() + Duration::from_millis(100);
     let window_start = start + plan.warmup;

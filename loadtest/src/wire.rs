@@ -190,7 +190,7 @@ pub struct ConnectOptions {
 }
 
 /// Opens a TCP connection to `addr`, from `source` when given, with Nagle off.
-async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Res<TcpStream> {
+pub(crate) async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Res<TcpStream> {
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     if let Some(ip) = source {
         bind_no_port(&socket)?;
@@ -298,21 +298,44 @@ pub async fn connect_many(
     small_buffers: bool,
     concurrency: usize,
 ) -> Vec<Res<Ws>> {
+    let addr: Arc<str> = addr.into();
+    connect_each(jobs, concurrency, move |room, source| {
+        let addr = Arc::clone(&addr);
+        async move {
+            let opts = ConnectOptions {
+                source,
+                small_buffers,
+            };
+            handshake(&addr, &room, dialect, opts).await
+        }
+    })
+    .await
+}
+
+/// Runs `connect(room, source)` for every job, at most `concurrency` at once, each within
+/// [`HANDSHAKE_TIMEOUT`]; results in the order given.
+pub async fn connect_each<T, F, Fut>(
+    jobs: Vec<(String, Option<Ipv4Addr>)>,
+    concurrency: usize,
+    connect: F,
+) -> Vec<Res<T>>
+where
+    T: Send + 'static,
+    F: Fn(String, Option<Ipv4Addr>) -> Fut,
+    Fut: std::future::Future<Output = Res<T>> + Send + 'static,
+{
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
-    let handles: Vec<JoinHandle<Res<Ws>>> = jobs
+    let handles: Vec<JoinHandle<Res<T>>> = jobs
         .into_iter()
         .map(|(room, source)| {
             let sem = Arc::clone(&sem);
-            let addr = addr.to_string();
+            let what = format!("room {room} (from {source:?})");
+            let connecting = connect(room, source);
             tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                let opts = ConnectOptions {
-                    source,
-                    small_buffers,
-                };
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&addr, &room, dialect, opts))
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
                     .await
-                    .map_err(|_| format!("{addr}/{room}: no sync within {HANDSHAKE_TIMEOUT:?}"))?
+                    .map_err(|_| format!("{what}: no sync within {HANDSHAKE_TIMEOUT:?}"))?
             })
         })
         .collect();
@@ -335,12 +358,17 @@ pub async fn connect_all(
     jobs: Vec<(String, Option<Ipv4Addr>)>,
     concurrency: usize,
 ) -> Res<Vec<Ws>> {
-    let total = jobs.len();
+    all_or_nothing(connect_many(addr, dialect, jobs, true, concurrency).await)
+}
+
+/// Every connection, or the first error with how many failed.
+pub fn all_or_nothing<T>(results: Vec<Res<T>>) -> Res<Vec<T>> {
+    let total = results.len();
     let mut ok = Vec::with_capacity(total);
     let mut first_err = None;
-    for r in connect_many(addr, dialect, jobs, true, concurrency).await {
+    for r in results {
         match r {
-            Ok(ws) => ok.push(ws),
+            Ok(c) => ok.push(c),
             Err(e) => {
                 first_err.get_or_insert(e);
             }
