@@ -16,14 +16,17 @@
 //! they return to their baseline once everyone left. `rooms`, `fanout` and `soak` take
 //! `--out DIR` for a results folder (report.json and SVG charts, [`charts`]); `rooms` and
 //! `fanout` take `--rounds N` to run their targets round-robin N times and report each one's
-//! median run ([`rounds`]).
+//! median run ([`rounds`]). In both, the connections that only count updates speak raw
+//! WebSocket ([`raw`]), so that the load generator takes as little CPU as it can from the
+//! server it measures.
 //! `join-storm` has N clients join one room holding a large document at once (time to the whole
 //! document, failures, server CPU, peak memory, bytes per join); `awareness` has R rooms × C
 //! clients send cursor awareness updates at a rate (latency, deliveries per second, losses, CPU
 //! per delivery); both against the same targets.
 //! `disk` measures the disk's `fdatasync` latency, the floor under any durable
 //! acknowledgement; `relay` measures the floor under `rooms`' CPU per delivery: a bare relay
-//! thread that sends each delivery with one `write` and does nothing else. Everything it starts
+//! thread that sends each delivery with one `write` and does nothing else (`--rooms 1 --clients
+//! 1501 --rate 20` lays it out as `fanout`). Everything it starts
 //! it stops; every wait has a deadline.
 
 mod awareness;
