@@ -97,9 +97,12 @@ pub async fn join(
         }
     }
     conn.send(&dialect.step1(room, &[0])).await?;
-    conn.read_messages(|m| match wire::parse(dialect, m).step2.is_empty() {
-        true => Next::More,
-        false => Next::Stop,
+    conn.read_messages(|m| {
+        if wire::parse(dialect, m).step2.is_empty() {
+            Next::More
+        } else {
+            Next::Stop
+        }
     })
     .await
     .map_err(|e| format!("{room}: during sync: {e}"))?;

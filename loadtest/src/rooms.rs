@@ -5,12 +5,13 @@
 //! epoch) into their own Y.Array (`ts{w}`) at the room's rate, one transaction and one sync update
 //! message per update. P probes decode every update with yrs and record latency (receive time −
 //! send time, one clock) in an HDR histogram corrected for coordinated omission. The other
-//! connections only count update messages, over the raw client of [`crate::raw`]. The server's user and system CPU time
-//! (`/proc/PID/stat`) and memory (`/proc/PID/status`) are sampled when the warmup ends and when
-//! the measured window ends; deliveries are counted at the same instants, and so are the load
-//! generator's own CPU and the machine's busy time (what else ran). Deliveries are also counted
-//! per second of the run, and the latency histogram's percentile curve is kept, for the charts of
-//! `--out` ([`crate::charts`]). The run itself ([`Plan`], [`run_target`]) is shared with `fanout`.
+//! connections only count update messages, over the raw client of [`crate::raw`]. The server's user
+//! and system CPU time (`/proc/PID/stat`) and memory (`/proc/PID/status`) are sampled when the
+//! warmup ends and when the measured window ends; deliveries are counted at the same instants, and
+//! so are the load generator's own CPU and the machine's busy time (what else ran). Deliveries are
+//! also counted per second of the run, and the latency histogram's percentile curve is kept, for
+//! the charts of `--out` ([`crate::charts`]). The run itself ([`Plan`], [`run_target`]) is shared
+//! with `fanout`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
