@@ -81,7 +81,7 @@ async fn ten_clients_edit_concurrently_and_converge() {
     }
 }
 
-/// Past 16 peers a room writes half of each update's frames itself and hands the rest to the
+/// Past 128 peers a room writes half of each update's frames itself and hands the rest to the
 /// connections' tasks: every peer still gets every update, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_peer_of_a_large_room_gets_every_update_in_order() {

@@ -33,10 +33,12 @@ use crate::ws::Written;
 const COMMANDS_PER_TURN: usize = 64;
 
 /// Peers a room flushes itself in one turn before it shares the writing with other threads.
-/// Past it, half of the peers' frames go to their connections' tasks: in `rooms` (50 peers
-/// each) that costs about 5 % more CPU per delivery than writing everything from the room's
-/// thread, and takes a quarter off the median latency (docs/benchmarks.md, session 6).
-const DIRECT_FLUSHES: usize = 16;
+/// Past it, half of the peers' frames go to their connections' tasks, so that another worker
+/// writes them while the room writes the rest: `fanout`'s 1,500 peers need that for their tail
+/// latency. Below it each handed-over peer costs a wake-up and a cross-thread hand-off for one
+/// small write: in `rooms` (50 peers each), writing all from the room's thread takes about 10 %
+/// off the CPU per delivery with the same latency (docs/benchmarks.md, session 13).
+const DIRECT_FLUSHES: usize = 128;
 
 /// What every room of a node shares.
 pub struct RoomContext {
