@@ -18,10 +18,10 @@
 //! Store implementations know nothing of rooms or CRDTs: they move bytes, and ask a [`Fold`]
 //! (implemented by the document engine) to merge them.
 
-mod held;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_thread;
 pub mod writer;
 
 #[cfg(test)]
@@ -40,6 +40,15 @@ pub enum StoreError {
     /// The database refused or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The embedded SQLite database refused.
+    #[error("sqlite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store was closed (or the thread serving its database is gone).
+    #[error("the store is closed")]
+    Closed,
+    /// A bug in the store: an operation panicked. Nothing it did was kept.
+    #[error("internal store error: {0}")]
+    Internal(String),
     /// Migrations could not be applied.
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -1,4 +1,8 @@
 //! `SqliteStore`: the embedded [`Store`], one SQLite file under the data dir (WAL, fully synced).
+//!
+//! Each connection lives on a thread of its own ([`SqliteThread`]) and runs whole operations
+//! there, synchronously: an append is one hand-off to the write connection's thread and one back,
+//! whatever it holds.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -7,14 +11,14 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::Connection as _;
+use tokio::sync::oneshot;
 
-use super::held::HeldConnection;
+use super::sqlite_thread::SqliteThread;
 use super::{
     fold_rows, nothing_folded, Append, Compacted, Fold, Snapshot, Store, StoreError, StoredRoom,
 };
@@ -25,22 +29,16 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Read connections. WAL readers never block the writer nor each other, so a few let loads of
 /// different rooms proceed while a batch commits.
-const READ_CONNECTIONS: u32 = 4;
+const READ_CONNECTIONS: usize = 4;
 
-/// Rows per multi-row `INSERT`. Each row binds 4 parameters, so a statement binds at most 960:
-/// under SQLite's bound-parameter limit even on builds that keep the pre-3.32 limit of 999 (the
-/// bundled SQLite allows 32,766). Larger statements would save little: the commit's fsync
-/// dominates.
-const ROWS_PER_INSERT: usize = 240;
+/// The schema, embedded. sqlx applies it to a database file and records what it applied in
+/// `_sqlx_migrations`; a new in-memory database gets every migration's SQL in order.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Row ids per `DELETE … IN (…)` of a compaction (1 parameter each, plus the room).
-const IDS_PER_DELETE: usize = 900;
-
-/// `BEGIN IMMEDIATE` takes the write lock up front, so a write transaction that reads first
-/// (compaction) can never fail on a lock upgrade, and waits `busy_timeout` for another process
-/// instead of failing at once. It is also compaction's per-room exclusive lock: SQLite's one write
-/// lock covers every room, in this process and any other on the same file.
-const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+/// Appends a row. The `updates_touch_room` trigger registers the row's room, with the row's
+/// `created_at`, inside the same statement.
+const INSERT_UPDATE: &str =
+    "INSERT INTO updates (room, data, origin, created_at) VALUES (?1, ?2, ?3, ?4)";
 
 /// A [`Store`] in one SQLite database file.
 ///
@@ -48,14 +46,14 @@ const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 /// returns. Ids come from an `AUTOINCREMENT` key: one sequence for the whole store, never reused.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    /// One connection. SQLite admits one writer at a time; funnelling this process's writes
-    /// through a single connection queues them on its lock instead of having several connections
-    /// contend for the file lock (busy waits, `SQLITE_BUSY`), and the group-commit writer already
-    /// turns many small appends into one transaction.
-    write: Arc<HeldConnection>,
-    /// Connections for `load`, `rooms` and `ping`. `None` for an in-memory database, whose data
+    /// The one write connection. SQLite admits one writer at a time; funnelling this process's
+    /// writes through a single connection queues them on its thread instead of having several
+    /// connections contend for the file lock (busy waits, `SQLITE_BUSY`), and the group-commit
+    /// writer already turns many small appends into one transaction.
+    write: Arc<SqliteThread>,
+    /// Connections for `load`, `rooms` and `ping`. Empty for an in-memory database, whose data
     /// lives only in its one connection: everything goes through `write`.
-    read: Option<SqlitePool>,
+    read: Arc<[SqliteThread]>,
 }
 
 impl SqliteStore {
@@ -86,73 +84,101 @@ impl SqliteStore {
         options: SqliteConnectOptions,
         in_memory: bool,
     ) -> Result<Self, StoreError> {
-        if !in_memory {
-            if let Some(parent) = options.get_filename().parent() {
-                if !parent.as_os_str().is_empty() {
-                    tokio::fs::create_dir_all(parent).await?;
-                }
+        if in_memory {
+            let write = SqliteThread::start("tandem-sqlite", || {
+                let mut conn = Connection::open_in_memory()?;
+                configure(&conn)?;
+                migrate_in_memory(&mut conn)?;
+                Ok(conn)
+            })
+            .await?;
+            return Ok(Self {
+                write: Arc::new(write),
+                read: Arc::new([]),
+            });
+        }
+        let path = options.get_filename().to_owned();
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                tokio::fs::create_dir_all(parent).await?;
             }
         }
-        let options = options
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
-        // One connection, kept for the life of the process, and opened again if it breaks (the
-        // writer retries meanwhile).
-        let write = HeldConnection::open(options.clone(), !in_memory).await?;
-        {
-            let mut conn = write.lock().await?;
-            let migrated = sqlx::migrate!("./migrations/sqlite")
-                .run(&mut *conn)
-                .await
-                .map_err(StoreError::from);
-            conn.check(migrated)?;
-        }
-        let read = if in_memory {
-            None
-        } else {
-            // All of them open from the start and kept: a node's open files do not grow with its
-            // first loads (the soak scenario checks that they return to where they started).
-            SqlitePoolOptions::new()
-                .max_connections(READ_CONNECTIONS)
-                .min_connections(READ_CONNECTIONS)
-                .idle_timeout(None)
-                .connect_with(options)
-                .await
-                .map(Some)?
+        // sqlx creates the file, switches it to WAL (which the file remembers) and migrates it.
+        let mut migrating = SqliteConnection::connect_with(
+            &options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(BUSY_TIMEOUT),
+        )
+        .await?;
+        let migrated = MIGRATOR.run(&mut migrating).await;
+        migrating.close().await?;
+        migrated?;
+        let open = |path: std::path::PathBuf| {
+            move || {
+                let conn = Connection::open(path)?;
+                configure(&conn)?;
+                Ok(conn)
+            }
         };
+        let write = SqliteThread::start("tandem-sqlite", open(path.clone())).await?;
+        // All of them open from the start and kept: a node's open files do not grow with its
+        // first loads (the soak scenario checks that they return to where they started).
+        let mut read = Vec::with_capacity(READ_CONNECTIONS);
+        for _ in 0..READ_CONNECTIONS {
+            read.push(SqliteThread::start("tandem-sqlite-read", open(path.clone())).await?);
+        }
         Ok(Self {
             write: Arc::new(write),
-            read,
+            read: read.into(),
         })
+    }
+
+    /// The connection for a read: the least busy read connection, or the write connection of an
+    /// in-memory database.
+    fn reader(&self) -> &SqliteThread {
+        self.read
+            .iter()
+            .min_by_key(|thread| thread.queued())
+            .unwrap_or(&self.write)
     }
 }
 
-impl SqliteStore {
-    /// Runs `op` on a read connection, or on the write connection for an in-memory database.
-    async fn reading<T>(
-        &self,
-        op: impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match &self.read {
-            Some(pool) => op(&mut *pool.acquire().await?).await,
-            None => {
-                let mut conn = self.write.lock().await?;
-                let result = op(&mut conn).await;
-                conn.check(result)
-            }
+/// Sets up a new connection: waits for other processes' locks, commits durably (WAL with
+/// `synchronous = FULL`: every commit is synced before it returns), checks foreign keys as sqlx's
+/// connections do.
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    // An in-memory database keeps its journal in memory whatever is asked.
+    if mode != "wal" && mode != "memory" {
+        return Err(StoreError::Config(format!(
+            "the SQLite database is in journal mode {mode:?}, not WAL"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Applies every migration to a new in-memory database, in one transaction.
+fn migrate_in_memory(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    for migration in MIGRATOR.iter() {
+        if !migration.migration_type.is_down_migration() {
+            tx.execute_batch(&migration.sql)?;
         }
     }
+    tx.commit()?;
+    Ok(())
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
         let room = room.clone();
-        let (snapshot, updates) = self
-            .reading(move |conn| Box::pin(async move { load_in(conn, &room).await }))
-            .await?;
+        let (snapshot, updates) = self.reader().run(move |conn| load_on(conn, &room)).await?;
         Ok(StoredRoom { snapshot, updates })
     }
 
@@ -160,222 +186,204 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.write.lock().await?;
-        let appended = if batch.len() <= ROWS_PER_INSERT {
-            // One statement, atomic on its own (SQLite runs it in a transaction of its own, and
-            // a trigger marks the rooms in it): one round trip to the database's thread instead
-            // of four (begin, insert, mark the rooms, commit).
-            insert_rows(&mut conn, batch).await
-        } else {
-            append_in_chunks(&mut conn, batch).await
-        };
-        conn.check(appended)
+        let batch = batch.to_vec();
+        self.write.run(move |conn| append_on(conn, &batch)).await
     }
 
     async fn compact(&self, room: &RoomId, fold: &dyn Fold) -> Result<Compacted, StoreError> {
-        let mut conn = self.write.lock().await?;
-        let compacted = compact_in(&mut conn, room, fold).await;
-        conn.check(compacted)
+        // The thread reads the room under the write lock and hands the rows over; the fold runs
+        // here, off that thread; the thread then writes what it sends back, or rolls back.
+        let (read_tx, read) = oneshot::channel();
+        let (plan, plan_rx) = oneshot::channel();
+        let job_room = room.clone();
+        let done = self
+            .write
+            .submit(move |conn| compact_on(conn, &job_room, read_tx, plan_rx))
+            .await?;
+        let finished = |done: oneshot::Receiver<Result<(), StoreError>>| async move {
+            done.await.map_err(|_| StoreError::Closed)?
+        };
+        let Ok((stored, rows)) = read.await else {
+            // The job failed before it could read (the lock, a read): its error.
+            finished(done).await?;
+            return Err(StoreError::Internal(
+                "a compaction ended without reading the room".into(),
+            ));
+        };
+        match fold_rows(fold, stored.as_ref(), &rows) {
+            Ok(Some((snapshot, compacted))) => {
+                // If the thread is gone, `finished` says so.
+                let _ = plan.send(snapshot);
+                finished(done).await?;
+                Ok(compacted)
+            }
+            Ok(None) => {
+                drop(plan);
+                finished(done).await?;
+                Ok(nothing_folded(stored.as_ref()))
+            }
+            Err(e) => {
+                // Dropping the plan rolls the transaction back; the fold's error is the answer.
+                drop(plan);
+                let _ = finished(done).await;
+                Err(e)
+            }
+        }
     }
 
     async fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
-        // BINARY collation compares UTF-8 bytes, the same order as `RoomId`'s `Ord`.
-        let names: Vec<String> = self
-            .reading(|conn| {
-                Box::pin(async move {
-                    Ok(sqlx::query_scalar("SELECT room FROM rooms ORDER BY room")
-                        .fetch_all(conn)
-                        .await?)
-                })
+        self.reader()
+            .run(|conn| {
+                // BINARY collation compares UTF-8 bytes, the same order as `RoomId`'s `Ord`.
+                let mut select = conn.prepare_cached("SELECT room FROM rooms ORDER BY room")?;
+                let rooms = select.query_map([], |row| {
+                    let name: String = row.get(0)?;
+                    RoomId::new(&name).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e))
+                    })
+                })?;
+                Ok(rooms.collect::<Result<Vec<_>, _>>()?)
             })
-            .await?;
-        names
-            .iter()
-            .map(|name| {
-                RoomId::new(name)
-                    .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
-            })
-            .collect()
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.reading(|conn| {
-            Box::pin(async move {
-                sqlx::query("SELECT 1").execute(conn).await?;
-                Ok(())
-            })
-        })
-        .await
+        self.reader()
+            .run(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
     }
 
     async fn close(&self) {
-        if let Some(pool) = &self.read {
-            pool.close().await;
+        for thread in self.read.iter() {
+            thread.close().await;
         }
         self.write.close().await;
     }
 }
 
-/// One read transaction: both SELECTs see the same WAL snapshot, so a compaction committing in
-/// between cannot make us pair an old snapshot with an already-pruned log.
-async fn load_in(conn: &mut SqliteConnection, room: &RoomId) -> Result<Loaded, StoreError> {
-    let mut tx = conn.begin().await?;
-    let loaded = read_room(&mut tx, room).await?;
-    tx.commit().await?;
-    Ok(loaded)
-}
-
-/// Appends a batch larger than one statement takes, in one transaction.
-async fn append_in_chunks(
-    conn: &mut SqliteConnection,
-    batch: &[Append],
-) -> Result<Vec<i64>, StoreError> {
-    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
-    let mut ids = Vec::with_capacity(batch.len());
-    for chunk in batch.chunks(ROWS_PER_INSERT) {
-        ids.extend(insert_rows(&mut tx, chunk).await?);
-    }
-    tx.commit().await?;
-    Ok(ids)
-}
-
-/// Folds `room`'s log into its snapshot through `conn`: see [`Store::compact`].
-async fn compact_in(
-    conn: &mut SqliteConnection,
-    room: &RoomId,
-    fold: &dyn Fold,
-) -> Result<Compacted, StoreError> {
-    // The write lock, held from the first read to the commit: no other compaction, in this
-    // process or another, can fold or delete these rows meanwhile, and no append can slip a
-    // row in between the read and the delete (deleting by id would be safe even if it could).
-    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
-    let (stored, rows) = read_room(&mut tx, room).await?;
-    let Some((snapshot, compacted)) = fold_rows(fold, stored.as_ref(), &rows)? else {
-        tx.rollback().await?;
-        return Ok(nothing_folded(stored.as_ref()));
-    };
-    sqlx::query(
-        "INSERT INTO snapshots (room, upto_id, state, state_vector) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (room) DO UPDATE SET upto_id = excluded.upto_id, state = excluded.state, \
-         state_vector = excluded.state_vector, updated_at = excluded.updated_at",
-    )
-    .bind(room.as_str())
-    .bind(snapshot.upto_id)
-    .bind(snapshot.state.as_ref())
-    .bind(snapshot.state_vector.as_ref())
-    .execute(&mut *tx)
-    .await?;
-    // Exactly the rows read, by id (chunked under the bound-parameter limit).
-    let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
-    for chunk in ids.chunks(IDS_PER_DELETE) {
-        let mut delete = QueryBuilder::<Sqlite>::new("DELETE FROM updates WHERE room = ");
-        delete.push_bind(room.as_str()).push(" AND id IN (");
-        let mut list = delete.separated(", ");
-        for id in chunk {
-            list.push_bind(*id);
-        }
-        list.push_unseparated(")");
-        let deleted = delete.build().execute(&mut *tx).await?.rows_affected();
-        if deleted != chunk.len() as u64 {
-            // Impossible while we hold the write lock; refuse rather than store a snapshot
-            // that disagrees with the log.
-            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                "compaction deleted {deleted} of {} folded rows",
-                chunk.len()
-            ))));
-        }
-    }
-    tx.commit().await?;
-    Ok(compacted)
-}
-
 /// A room's snapshot and log as read by [`read_room`].
 type Loaded = (Option<Snapshot>, Vec<(i64, Bytes)>);
 
-/// Reads a room's snapshot and every row of its log, in id order, inside `tx`.
-async fn read_room(tx: &mut SqliteConnection, room: &RoomId) -> Result<Loaded, StoreError> {
-    let snapshot = sqlx::query("SELECT upto_id, state, state_vector FROM snapshots WHERE room = ?")
-        .bind(room.as_str())
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|row| -> Result<Snapshot, sqlx::Error> {
-            Ok(Snapshot {
-                upto_id: row.try_get("upto_id")?,
-                state: Bytes::from(row.try_get::<Vec<u8>, _>("state")?),
-                state_vector: Bytes::from(row.try_get::<Vec<u8>, _>("state_vector")?),
-            })
-        })
-        .transpose()?;
-    let updates = sqlx::query("SELECT id, data FROM updates WHERE room = ? ORDER BY id")
-        .bind(room.as_str())
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|row| {
-            Ok((
-                row.try_get("id")?,
-                Bytes::from(row.try_get::<Vec<u8>, _>("data")?),
-            ))
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok((snapshot, updates))
+/// One read transaction: both SELECTs see the same WAL snapshot, so a compaction committing in
+/// between cannot make us pair an old snapshot with an already-pruned log.
+fn load_on(conn: &mut Connection, room: &RoomId) -> Result<Loaded, StoreError> {
+    let tx = conn.transaction()?;
+    let loaded = read_room(&tx, room)?;
+    tx.commit()?;
+    Ok(loaded)
 }
 
-/// Inserts `rows` (at most [`ROWS_PER_INSERT`]) in one statement and returns their ids in order.
-/// The `updates_touch_room` trigger registers each row's room, with the row's `created_at`.
-async fn insert_rows(conn: &mut SqliteConnection, rows: &[Append]) -> Result<Vec<i64>, StoreError> {
+/// Appends `batch` and returns the rows' ids, in order. One row is one statement, atomic on its
+/// own (the trigger runs inside it); more are one transaction.
+fn append_on(conn: &mut Connection, batch: &[Append]) -> Result<Vec<i64>, StoreError> {
     // The schema's default, `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')`, in the same format, formatted
-    // once per statement here: SQLite's formatting of the milliseconds cost more than the rest of
-    // a one-row insert (docs/benchmarks.md, session 11).
+    // once per batch here: SQLite's formatting of the milliseconds cost more than the rest of a
+    // one-row insert (docs/benchmarks.md, session 11).
     let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    if let [append] = rows {
-        // The usual group commit at a low rate. No RETURNING: SQLite collects RETURNING rows in
-        // an ephemeral table, opened and closed with its own pager for each statement, which
-        // cost about a quarter of a one-row append's instructions. The connection's last rowid
-        // is this row's (a trigger's inserts do not change it once the trigger ends).
-        let done =
-            sqlx::query("INSERT INTO updates (room, data, origin, created_at) VALUES (?, ?, ?, ?)")
-                .bind(append.room.as_str())
-                .bind(append.data.as_ref())
-                .bind(&*append.origin)
-                .bind(now.as_str())
-                .execute(&mut *conn)
-                .await?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                "inserted {} rows instead of 1",
-                done.rows_affected()
-            ))));
-        }
-        return Ok(vec![done.last_insert_rowid()]);
+    if let [append] = batch {
+        return Ok(vec![insert_row(conn, append, &now)?]);
     }
-    let mut insert =
-        QueryBuilder::<Sqlite>::new("INSERT INTO updates (room, data, origin, created_at) ");
-    insert.push_values(rows, |mut row, append| {
-        row.push_bind(append.room.as_str())
-            .push_bind(append.data.as_ref())
-            .push_bind(&*append.origin)
-            .push_bind(now.as_str());
-    });
-    insert.push(" RETURNING id");
-    // SQLite does not promise RETURNING rows in insertion order, but it inserts the VALUES rows in
-    // order and AUTOINCREMENT ids only grow, so sorted ids are the rows' ids.
-    let mut ids = insert
-        .build()
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|row| row.try_get::<i64, _>(0))
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let ids = batch
+        .iter()
+        .map(|append| insert_row(&tx, append, &now))
         .collect::<Result<Vec<_>, _>>()?;
-    if ids.len() != rows.len() {
-        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-            "inserted {} rows but got {} ids back",
-            rows.len(),
-            ids.len()
-        ))));
-    }
-    ids.sort_unstable();
+    tx.commit()?;
     Ok(ids)
+}
+
+/// Inserts one row and returns its id. No `RETURNING`: SQLite collects RETURNING rows in an
+/// ephemeral table, opened and closed with its own pager for each statement. The connection's last
+/// rowid is the row's (a trigger's inserts do not change it once the trigger ends).
+fn insert_row(conn: &Connection, append: &Append, now: &str) -> Result<i64, StoreError> {
+    let mut insert = conn.prepare_cached(INSERT_UPDATE)?;
+    let inserted = insert.execute(params![
+        append.room.as_str(),
+        &append.data[..],
+        &*append.origin,
+        now
+    ])?;
+    if inserted != 1 {
+        return Err(StoreError::Internal(format!(
+            "inserted {inserted} rows instead of 1"
+        )));
+    }
+    Ok(conn.last_insert_rowid())
+}
+
+/// The thread's half of [`Store::compact`]: takes the write lock, reads `room`, sends what it read
+/// to `read`, and stores the snapshot `plan` then brings, deleting exactly the rows read. Rolls
+/// back if `plan` brings nothing (an empty log, a failed fold, a caller that went away).
+fn compact_on(
+    conn: &mut Connection,
+    room: &RoomId,
+    read: oneshot::Sender<Loaded>,
+    plan: oneshot::Receiver<Snapshot>,
+) -> Result<(), StoreError> {
+    // `BEGIN IMMEDIATE` takes the write lock up front, held from the first read to the commit, and
+    // waits `busy_timeout` for another process instead of failing at once. It is also compaction's
+    // per-room exclusive lock: SQLite's one write lock covers every room, in this process and any
+    // other on the same file. No other compaction can fold or delete these rows meanwhile, and no
+    // append can slip a row in between the read and the delete.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (stored, rows) = read_room(&tx, room)?;
+    let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+    if read.send((stored, rows)).is_err() {
+        return Ok(());
+    }
+    let Ok(snapshot) = plan.blocking_recv() else {
+        return Ok(());
+    };
+    tx.prepare_cached(
+        "INSERT INTO snapshots (room, upto_id, state, state_vector) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (room) DO UPDATE SET upto_id = excluded.upto_id, state = excluded.state, \
+         state_vector = excluded.state_vector, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        room.as_str(),
+        snapshot.upto_id,
+        &snapshot.state[..],
+        &snapshot.state_vector[..]
+    ])?;
+    // Exactly the rows read, by id.
+    let mut delete = tx.prepare_cached("DELETE FROM updates WHERE room = ?1 AND id = ?2")?;
+    let mut deleted = 0;
+    for id in &ids {
+        deleted += delete.execute(params![room.as_str(), id])?;
+    }
+    drop(delete);
+    if deleted != ids.len() {
+        // Impossible while we hold the write lock; refuse rather than store a snapshot that
+        // disagrees with the log.
+        return Err(StoreError::Internal(format!(
+            "compaction deleted {deleted} of {} folded rows",
+            ids.len()
+        )));
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Reads a room's snapshot and every row of its log, in id order.
+fn read_room(conn: &Connection, room: &RoomId) -> Result<Loaded, StoreError> {
+    let snapshot = conn
+        .prepare_cached("SELECT upto_id, state, state_vector FROM snapshots WHERE room = ?1")?
+        .query_row([room.as_str()], |row| {
+            Ok(Snapshot {
+                upto_id: row.get(0)?,
+                state: Bytes::from(row.get::<_, Vec<u8>>(1)?),
+                state_vector: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+            })
+        })
+        .optional()?;
+    let mut select =
+        conn.prepare_cached("SELECT id, data FROM updates WHERE room = ?1 ORDER BY id")?;
+    let updates = select
+        .query_map([room.as_str()], |row| {
+            Ok((row.get(0)?, Bytes::from(row.get::<_, Vec<u8>>(1)?)))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((snapshot, updates))
 }
 
 #[cfg(test)]
@@ -496,11 +504,18 @@ mod tests {
         for _ in 0..3 {
             let store = SqliteStore::open(&path).await.expect("open");
             store.append(&[append("a", b"x")]).await.expect("append");
-            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
-                .fetch_one(&mut *store.write.lock().await.expect("lock"))
+            let applied: i64 = store
+                .write
+                .run(|conn| {
+                    Ok(
+                        conn.query_row("SELECT count(*) FROM _sqlx_migrations", [], |row| {
+                            row.get(0)
+                        })?,
+                    )
+                })
                 .await
                 .expect("count migrations");
-            let embedded = sqlx::migrate!("./migrations/sqlite").migrations.len();
+            let embedded = super::MIGRATOR.migrations.len();
             assert_eq!(applied as usize, embedded);
             store.close().await;
         }
@@ -517,14 +532,15 @@ mod tests {
             .expect("open");
         store.append(&[append("a", b"1")]).await.expect("append");
         let (created, shaped, recent, room_created, room_updated): (String, bool, bool, String, String) =
-            sqlx::query_as(
+            store.write.run(|conn| Ok(conn.query_row(
                 "SELECT u.created_at, \
                  u.created_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9]Z', \
                  abs(julianday(u.created_at) - julianday('now')) < 1.0 / 1440, \
                  r.created_at, r.updated_at \
                  FROM updates u JOIN rooms r ON r.room = u.room",
-            )
-            .fetch_one(&mut *store.write.lock().await.expect("lock"))
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+            )?))
             .await
             .expect("read the stamps");
         assert!(shaped, "{created} is not %Y-%m-%dT%H:%M:%fZ");
@@ -566,18 +582,22 @@ mod tests {
             "2030-01-01T00:00:01.000Z",
             "2029-12-31T23:59:59.999Z",
         ] {
-            sqlx::query(
-                "INSERT INTO updates (room, data, origin, created_at) VALUES ('r', x'00', 'test', ?)",
-            )
-            .bind(at)
-            .execute(&mut *store.write.lock().await.expect("lock"))
-            .await
-            .expect("insert");
-            let stamp: (String, String) =
-                sqlx::query_as("SELECT created_at, updated_at FROM rooms WHERE room = 'r'")
-                    .fetch_one(&mut *store.write.lock().await.expect("lock"))
-                    .await
-                    .expect("read the room");
+            let stamp: (String, String) = store
+                .write
+                .run(move |conn| {
+                    conn.execute(
+                        "INSERT INTO updates (room, data, origin, created_at) \
+                         VALUES ('r', x'00', 'test', ?1)",
+                        [at],
+                    )?;
+                    Ok(conn.query_row(
+                        "SELECT created_at, updated_at FROM rooms WHERE room = 'r'",
+                        [],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )?)
+                })
+                .await
+                .expect("insert and read the room");
             stamps.push(stamp);
         }
         let first = "2030-01-01T00:00:00.100Z".to_owned();
@@ -600,16 +620,18 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("tandem.db"))
             .await
             .expect("open");
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&mut *store.write.lock().await.expect("lock"))
+        // On the write connection, which makes every commit.
+        let (mode, sync): (String, i64) = store
+            .write
+            .run(|conn| {
+                let mode = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+                let sync = conn.query_row("PRAGMA synchronous", [], |row| row.get(0))?;
+                Ok((mode, sync))
+            })
             .await
-            .expect("journal_mode");
+            .expect("pragmas");
         assert_eq!(mode, "wal");
         // FULL is 2.
-        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&mut *store.write.lock().await.expect("lock"))
-            .await
-            .expect("synchronous");
         assert_eq!(sync, 2);
         store.close().await;
     }
