@@ -712,6 +712,42 @@ mod tests {
         reopened.close().await;
     }
 
+    /// A fold that panics: the compaction's caller dies while the write thread waits for it.
+    struct PanickingFold;
+
+    impl crate::store::Fold for PanickingFold {
+        fn fold(&self, _: Option<&[u8]>, _: &[Bytes]) -> Result<crate::store::Folded, String> {
+            panic!("the fold's caller dies here");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_whose_caller_dies_changes_nothing_and_the_store_carries_on() {
+        let (store, _dir) = sqlite_store().await;
+        store
+            .append(&[keyed("a", keyed_update(1)), keyed("a", keyed_update(2))])
+            .await
+            .expect("append");
+        let compacting = store.clone();
+        let died =
+            tokio::spawn(async move { compacting.compact(&room("a"), &PanickingFold).await })
+                .await
+                .expect_err("the compaction's task panicked");
+        assert!(died.is_panic());
+        // The write thread rolled the compaction back and released the write lock.
+        let ids = store
+            .append(&[keyed("a", keyed_update(3))])
+            .await
+            .expect("append after the dead compaction");
+        assert_eq!(ids, [3]);
+        let loaded = store.load(&room("a")).await.expect("load");
+        assert_eq!(loaded.snapshot, None, "nothing was folded");
+        assert_eq!(loaded.updates.len(), 3, "nothing was deleted");
+        let compacted = store.compact(&room("a"), &YrsFold).await.expect("compact");
+        assert_eq!(compacted.rows, 3);
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn connect_rejects_other_schemes() {
         let err = SqliteStore::connect("postgres://localhost/tandem")
