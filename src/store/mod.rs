@@ -46,7 +46,8 @@ pub enum StoreError {
     /// The store was closed (or the thread serving its database is gone).
     #[error("the store is closed")]
     Closed,
-    /// A bug in the store: an operation panicked. Nothing it did was kept.
+    /// A bug: an operation panicked, or the database did not do what it was just told (a row
+    /// count that cannot be). Nothing the operation did was kept.
     #[error("internal store error: {0}")]
     Internal(String),
     /// Migrations could not be applied.

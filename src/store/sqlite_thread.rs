@@ -164,13 +164,19 @@ mod tests {
             .expect("start")
     }
 
-    #[tokio::test]
-    async fn jobs_run_in_order_on_one_connection() {
+    /// An in-memory connection holding an empty table `t (x INTEGER)`.
+    async fn memory_with_table() -> SqliteThread {
         let thread = memory().await;
         thread
             .run(|conn| Ok(conn.execute_batch("CREATE TABLE t (x INTEGER)")?))
             .await
             .expect("create");
+        thread
+    }
+
+    #[tokio::test]
+    async fn jobs_run_in_order_on_one_connection() {
+        let thread = memory_with_table().await;
         for x in 0..10 {
             thread
                 .run(move |conn| Ok(conn.execute("INSERT INTO t VALUES (?1)", [x])?))
@@ -200,11 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_is_an_error_and_its_transaction_is_rolled_back() {
-        let thread = memory().await;
-        thread
-            .run(|conn| Ok(conn.execute_batch("CREATE TABLE t (x INTEGER)")?))
-            .await
-            .expect("create");
+        let thread = memory_with_table().await;
         let err = thread
             .run(|conn| -> Result<(), StoreError> {
                 conn.execute_batch("BEGIN; INSERT INTO t VALUES (1);")?;
