@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -63,6 +64,9 @@ struct Control {
 pub struct WsWriter {
     /// The socket; `None` once released, or for a writer that never had one.
     stream: Option<Arc<TcpStream>>,
+    /// The socket's descriptor, kept here so that a write without waiting reads nothing of the
+    /// stream's own allocations (valid while `stream` is `Some`).
+    fd: RawFd,
     /// Formatted bytes the socket has not taken yet.
     unsent: Bytes,
     /// The rest of a large message leaving in fragments, and whether none has left yet (boxed:
@@ -78,6 +82,7 @@ impl WsWriter {
     /// Writes to `stream`.
     pub fn new(stream: Arc<TcpStream>) -> Self {
         Self {
+            fd: stream.as_raw_fd(),
             stream: Some(stream),
             ..Self::detached()
         }
@@ -87,6 +92,7 @@ impl WsWriter {
     pub fn detached() -> Self {
         Self {
             stream: None,
+            fd: -1,
             unsent: Bytes::new(),
             fragments: None,
             control: None,
@@ -98,6 +104,7 @@ impl WsWriter {
     /// Lets go of the socket (it closes once the reader lets go too).
     pub fn release(&mut self) {
         self.stream = None;
+        self.fd = -1;
         self.unsent = Bytes::new();
         self.fragments = None;
     }
@@ -174,13 +181,14 @@ impl WsWriter {
     ) -> Poll<io::Result<()>> {
         loop {
             while !self.unsent.is_empty() {
-                let n = ready!(send(stream, cx.as_deref_mut(), &self.unsent))?;
+                let n = ready!(send(stream, self.fd, cx.as_deref_mut(), &self.unsent))?;
                 self.unsent.advance(n);
                 if self.unsent.is_empty() {
                     // Frees the copy.
                     self.unsent = Bytes::new();
                 }
             }
+            let fd = self.fd;
             let step = WRITE.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 buf.clear();
@@ -188,7 +196,7 @@ impl WsWriter {
                 if buf.is_empty() {
                     return None;
                 }
-                let result = match send(stream, cx.as_deref_mut(), &buf) {
+                let result = match send(stream, fd, cx.as_deref_mut(), &buf) {
                     Poll::Ready(Ok(n)) => {
                         if n < buf.len() {
                             self.unsent = Bytes::copy_from_slice(&buf[n..]);
@@ -288,26 +296,59 @@ impl WsWriter {
     }
 }
 
-/// Hands `bytes` to the socket. With a context, waits (registering the task) while the socket
-/// is full; without one, a full socket is `Pending` at once.
+/// Hands `bytes` to the socket `fd` of `stream`. With a context, waits (registering the task)
+/// while the socket is full; without one, a full socket is `Pending` at once.
 fn send(
     stream: &TcpStream,
-    mut cx: Option<&mut Context<'_>>,
+    fd: RawFd,
+    cx: Option<&mut Context<'_>>,
     bytes: &[u8],
 ) -> Poll<io::Result<usize>> {
+    let Some(cx) = cx else {
+        return send_now(fd, bytes);
+    };
     loop {
-        if let Some(cx) = cx.as_deref_mut() {
-            ready!(stream.poll_write_ready(cx))?;
-        }
+        ready!(stream.poll_write_ready(cx))?;
         match stream.try_write(bytes) {
             Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if cx.is_none() {
-                    return Poll::Pending;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// One `send` without waiting, for a writer that is not the connection's task (a room writing
+/// to its peers): the descriptor alone, and none of tokio's readiness bookkeeping, whose
+/// per-socket allocations are a cache miss each on this per-delivery path. Skipping the
+/// bookkeeping is safe: when the socket is full the connection's task takes over, and its
+/// first write finds the socket full itself and waits for it as usual.
+fn send_now(fd: RawFd, bytes: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        // SAFETY: `fd` is the descriptor of the stream the writer holds for the whole write
+        // (`WsWriter::write` takes it out of `stream` and puts it back), so it is open and is
+        // that socket; the pointer and length describe `bytes`, which the call only reads.
+        let n = unsafe {
+            libc::send(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) if !bytes.is_empty() => {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+            }
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return Poll::Pending,
+                    _ => return Poll::Ready(Err(e)),
                 }
             }
-            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
