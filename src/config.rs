@@ -56,6 +56,9 @@ impl Default for Config {
     }
 }
 
+/// The longest group-commit window accepted: an acknowledgement waits up to the window.
+pub const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(1);
+
 /// A configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -81,6 +84,11 @@ impl Config {
         if s.ping_interval < Duration::from_millis(100) {
             return Err(ConfigError::Invalid(
                 "ping interval must be at least 100 ms".into(),
+            ));
+        }
+        if self.writer.window > MAX_COMMIT_WINDOW {
+            return Err(ConfigError::Invalid(
+                "the commit window must be at most 1 s (acknowledgements wait for it)".into(),
             ));
         }
         if self.rooms.compaction.max_updates == 0 || self.rooms.compaction.max_bytes == 0 {
@@ -118,6 +126,16 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_commit_window_over_a_second_is_refused() {
+        let mut c = Config::default();
+        c.writer.window = MAX_COMMIT_WINDOW;
+        c.validate().unwrap();
+        c.writer.window = MAX_COMMIT_WINDOW + Duration::from_millis(1);
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("commit window"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,13 @@ struct Args {
     #[arg(long, env = "TANDEM_COMPACT_BYTES", default_value_t = 1 << 20)]
     compact_bytes: usize,
 
+    /// How long the store writer keeps collecting updates for one commit after the first
+    /// arrives, when it is idle (while a commit runs, the next one collects anyway). Longer
+    /// windows put more updates in each commit and its sync, for less CPU and I/O per update,
+    /// and delay acknowledgements by up to the window. At most 1 s.
+    #[arg(long, env = "TANDEM_COMMIT_WINDOW", default_value = "2ms", value_parser = humantime::parse_duration)]
+    commit_window: Duration,
+
     /// Send each connection its own updates back once they are stored (y-websocket v4
     /// providers count that echo as "synced"; their sync status then means stored).
     #[arg(long, env = "TANDEM_ECHO_OWN_UPDATES")]
@@ -190,6 +197,7 @@ impl Args {
         c.auth.allowed_origins = self.allow_origin;
         c.rooms.idle_grace = self.room_idle_grace;
         c.rooms.echo_own_updates = self.echo_own_updates;
+        c.writer.window = self.commit_window;
         c.rooms.compaction.max_updates = self.compact_updates;
         c.rooms.compaction.max_bytes = self.compact_bytes;
         c

@@ -337,9 +337,7 @@ fn send_now(fd: RawFd, bytes: &[u8]) -> Poll<io::Result<usize>> {
             )
         };
         match usize::try_from(n) {
-            Ok(0) if !bytes.is_empty() => {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
-            }
+            Ok(0) if !bytes.is_empty() => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Ok(n) => return Poll::Ready(Ok(n)),
             Err(_) => {
                 let e = io::Error::last_os_error();
