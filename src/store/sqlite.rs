@@ -6,8 +6,8 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use super::sqlite_thread::SqliteThread;
 use super::{
     fold_rows, nothing_folded, Append, Compacted, Fold, Snapshot, Store, StoreError, StoredRoom,
 };
+use crate::hashing::FastSet;
 use crate::ids::RoomId;
 
 /// How long a statement waits for another process's write lock before failing with `SQLITE_BUSY`.
@@ -35,10 +36,26 @@ const READ_CONNECTIONS: usize = 4;
 /// `_sqlx_migrations`; a new in-memory database gets every migration's SQL in order.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Appends a row. The `updates_touch_room` trigger registers the row's room, with the row's
-/// `created_at`, inside the same statement.
+/// Appends a row.
 const INSERT_UPDATE: &str =
     "INSERT INTO updates (room, data, origin, created_at) VALUES (?1, ?2, ?3, ?4)";
+
+/// Registers a room appended to at `?2`: a new room gets `created_at` and `updated_at` `?2`; a
+/// known one moves its `updated_at` to `?2` only when the second changes, so `updated_at` is the
+/// time of the room's first append in the second of its latest one, and never moves backwards.
+const TOUCH_ROOM: &str = "INSERT INTO rooms (room, created_at, updated_at) VALUES (?1, ?2, ?2) \
+     ON CONFLICT (room) DO UPDATE SET updated_at = excluded.updated_at \
+     WHERE substr(excluded.updated_at, 1, 19) > substr(rooms.updated_at, 1, 19)";
+
+/// The rooms whose `rooms` row this process's appends have registered within one second: an
+/// append to one of them in the same second would change nothing there, and skips it. Filled
+/// only after a commit, so a rolled-back append never marks its room.
+#[derive(Debug, Default)]
+struct Touched {
+    /// Seconds since the Unix epoch that `rooms` belongs to.
+    second: u64,
+    rooms: FastSet<RoomId>,
+}
 
 /// A [`Store`] in one SQLite database file.
 ///
@@ -54,6 +71,8 @@ pub struct SqliteStore {
     /// Connections for `load`, `rooms` and `ping`. Empty for an in-memory database, whose data
     /// lives only in its one connection: everything goes through `write`.
     read: Arc<[SqliteThread]>,
+    /// Used by appends, on `write`'s thread only (the lock is never contended).
+    touched: Arc<Mutex<Touched>>,
 }
 
 impl SqliteStore {
@@ -95,6 +114,7 @@ impl SqliteStore {
             return Ok(Self {
                 write: Arc::new(write),
                 read: Arc::new([]),
+                touched: Arc::default(),
             });
         }
         let path = options.get_filename().to_owned();
@@ -132,6 +152,7 @@ impl SqliteStore {
         Ok(Self {
             write: Arc::new(write),
             read: read.into(),
+            touched: Arc::default(),
         })
     }
 
@@ -187,7 +208,10 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let batch = batch.to_vec();
-        self.write.run(move |conn| append_on(conn, &batch)).await
+        let touched = self.touched.clone();
+        self.write
+            .run(move |conn| append_on(conn, &batch, &touched, SystemTime::now()))
+            .await
     }
 
     async fn compact(&self, room: &RoomId, fold: &dyn Fold) -> Result<Compacted, StoreError> {
@@ -273,14 +297,32 @@ fn load_on(conn: &mut Connection, room: &RoomId) -> Result<Loaded, StoreError> {
     Ok(loaded)
 }
 
-/// Appends `batch` and returns the rows' ids, in order. One row is one statement, atomic on its
-/// own (the trigger runs inside it); more are one transaction.
-fn append_on(conn: &mut Connection, batch: &[Append]) -> Result<Vec<i64>, StoreError> {
+/// Appends `batch`, stamped `at`, and returns the rows' ids, in order. A room not yet registered
+/// in `at`'s second is registered in the same transaction; a one-row append to a room that is
+/// needs no transaction of its own (the statement is atomic).
+fn append_on(
+    conn: &mut Connection,
+    batch: &[Append],
+    touched: &Mutex<Touched>,
+    at: SystemTime,
+) -> Result<Vec<i64>, StoreError> {
     // The schema's default, `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')`, in the same format, formatted
     // once per batch here: SQLite's formatting of the milliseconds cost more than the rest of a
     // one-row insert (docs/benchmarks.md, session 11).
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    if let [append] = batch {
+    let now = humantime::format_rfc3339_millis(at).to_string();
+    let second = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut touched = touched.lock().unwrap_or_else(PoisonError::into_inner);
+    if touched.second != second {
+        touched.second = second;
+        touched.rooms.clear();
+    }
+    let mut new: Vec<&RoomId> = Vec::new();
+    for append in batch {
+        if !touched.rooms.contains(&append.room) && !new.contains(&&append.room) {
+            new.push(&append.room);
+        }
+    }
+    if let ([append], []) = (batch, new.as_slice()) {
         return Ok(vec![insert_row(conn, append, &now)?]);
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -288,13 +330,24 @@ fn append_on(conn: &mut Connection, batch: &[Append]) -> Result<Vec<i64>, StoreE
         .iter()
         .map(|append| insert_row(&tx, append, &now))
         .collect::<Result<Vec<_>, _>>()?;
+    for room in &new {
+        touch_room(&tx, room, &now)?;
+    }
     tx.commit()?;
+    touched.rooms.extend(new.into_iter().cloned());
     Ok(ids)
+}
+
+/// Registers `room` as appended to at `at` ([`TOUCH_ROOM`]).
+fn touch_room(conn: &Connection, room: &RoomId, at: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(TOUCH_ROOM)?
+        .execute(params![room.as_str(), at])?;
+    Ok(())
 }
 
 /// Inserts one row and returns its id. No `RETURNING`: SQLite collects RETURNING rows in an
 /// ephemeral table, opened and closed with its own pager for each statement. The connection's last
-/// rowid is the row's (a trigger's inserts do not change it once the trigger ends).
+/// rowid is the row's.
 fn insert_row(conn: &Connection, append: &Append, now: &str) -> Result<i64, StoreError> {
     let mut insert = conn.prepare_cached(INSERT_UPDATE)?;
     let inserted = insert.execute(params![
@@ -393,7 +446,7 @@ mod tests {
     use bytes::Bytes;
     use tempfile::TempDir;
 
-    use super::SqliteStore;
+    use super::{append_on, SqliteStore};
     use crate::doc::YrsFold;
     use crate::ids::RoomId;
     use crate::store::suite::{assert_holds_exactly, keyed_update};
@@ -555,8 +608,8 @@ mod tests {
     #[tokio::test]
     async fn a_one_row_append_that_registers_its_room_returns_the_updates_id() {
         let (store, _dir) = sqlite_store().await;
-        // Three log rows and one room, then a new room: the trigger inserts `rooms` row 2
-        // inside the append of `updates` row 4.
+        // Three log rows and one room, then a new room: its `rooms` row is inserted in the
+        // append of `updates` row 4, after it.
         let first = store
             .append(&[append("z", b"1"), append("z", b"2"), append("z", b"3")])
             .await
@@ -567,6 +620,24 @@ mod tests {
         let loaded = store.load(&room("a")).await.expect("load");
         assert_eq!(loaded.updates, [(4, Bytes::from_static(b"4"))]);
         store.close().await;
+    }
+
+    /// `append_on` at `at` (RFC 3339) to room `r`, then `r`'s `(created_at, updated_at)`.
+    async fn append_at(store: &SqliteStore, at: &'static str) -> (String, String) {
+        let touched = store.touched.clone();
+        store
+            .write
+            .run(move |conn| {
+                let at = humantime::parse_rfc3339(at).expect("a time");
+                append_on(conn, &[append("r", b"\x00")], &touched, at)?;
+                Ok(conn.query_row(
+                    "SELECT created_at, updated_at FROM rooms WHERE room = 'r'",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?)
+            })
+            .await
+            .expect("append and read the room")
     }
 
     #[tokio::test]
@@ -581,24 +652,9 @@ mod tests {
             "2030-01-01T00:00:00.900Z",
             "2030-01-01T00:00:01.000Z",
             "2029-12-31T23:59:59.999Z",
+            "2030-01-01T00:00:01.500Z",
         ] {
-            let stamp: (String, String) = store
-                .write
-                .run(move |conn| {
-                    conn.execute(
-                        "INSERT INTO updates (room, data, origin, created_at) \
-                         VALUES ('r', x'00', 'test', ?1)",
-                        [at],
-                    )?;
-                    Ok(conn.query_row(
-                        "SELECT created_at, updated_at FROM rooms WHERE room = 'r'",
-                        [],
-                        |row| Ok((row.get(0)?, row.get(1)?)),
-                    )?)
-                })
-                .await
-                .expect("insert and read the room");
-            stamps.push(stamp);
+            stamps.push(append_at(&store, at).await);
         }
         let first = "2030-01-01T00:00:00.100Z".to_owned();
         let next_second = "2030-01-01T00:00:01.000Z".to_owned();
@@ -608,9 +664,43 @@ mod tests {
                 (first.clone(), first.clone()),
                 (first.clone(), first.clone()),
                 (first.clone(), next_second.clone()),
+                (first.clone(), next_second.clone()),
                 (first, next_second),
             ]
         );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_room_is_registered_by_the_first_append_after_a_rolled_back_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("tandem.db"))
+            .await
+            .expect("open");
+        // The first append of room `r` fails inside its transaction (the log's table is gone),
+        // so its registration rolls back with it and must not be remembered.
+        let touched = store.touched.clone();
+        let failed = store
+            .write
+            .run(move |conn| {
+                conn.execute_batch("ALTER TABLE updates RENAME TO updates_away")?;
+                let at = humantime::parse_rfc3339("2030-01-01T00:00:00.100Z").expect("a time");
+                let failed = append_on(conn, &[append("r", b"1")], &touched, at).is_err();
+                conn.execute_batch("ALTER TABLE updates_away RENAME TO updates")?;
+                Ok(failed)
+            })
+            .await
+            .expect("the failing append ran");
+        assert!(failed, "an append without the log's table succeeded");
+        // The same second: the room is registered now.
+        assert_eq!(
+            append_at(&store, "2030-01-01T00:00:00.200Z").await,
+            (
+                "2030-01-01T00:00:00.200Z".to_owned(),
+                "2030-01-01T00:00:00.200Z".to_owned()
+            )
+        );
+        assert_eq!(store.rooms().await.expect("rooms"), [room("r")]);
         store.close().await;
     }
 
