@@ -462,6 +462,15 @@ mod tests {
 
     crate::store::suite::store_suite!(sqlite_store);
 
+    /// A store in a new file, as its own type (for the tests that reach its threads).
+    async fn file_store() -> (SqliteStore, TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("tandem.db"))
+            .await
+            .expect("open store");
+        (store, dir)
+    }
+
     fn room(name: &str) -> RoomId {
         RoomId::new(name).expect("valid room name")
     }
@@ -642,10 +651,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rooms_updated_at_moves_once_a_second_and_never_back() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("tandem.db"))
-            .await
-            .expect("open");
+        let (store, _dir) = file_store().await;
         let mut stamps = Vec::new();
         for at in [
             "2030-01-01T00:00:00.100Z",
@@ -673,10 +679,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_room_is_registered_by_the_first_append_after_a_rolled_back_one() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("tandem.db"))
-            .await
-            .expect("open");
+        let (store, _dir) = file_store().await;
         // The first append of room `r` fails inside its transaction (the log's table is gone),
         // so its registration rolls back with it and must not be remembered.
         let touched = store.touched.clone();
