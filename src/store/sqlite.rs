@@ -452,16 +452,6 @@ mod tests {
     use crate::store::suite::{assert_holds_exactly, keyed_update};
     use crate::store::{Append, DynStore, Store, StoreError};
 
-    async fn sqlite_store() -> (DynStore, TempDir) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("tandem.db"))
-            .await
-            .expect("open store");
-        (Arc::new(store), dir)
-    }
-
-    crate::store::suite::store_suite!(sqlite_store);
-
     /// A store in a new file, as its own type (for the tests that reach its threads).
     async fn file_store() -> (SqliteStore, TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -470,6 +460,13 @@ mod tests {
             .expect("open store");
         (store, dir)
     }
+
+    async fn sqlite_store() -> (DynStore, TempDir) {
+        let (store, dir) = file_store().await;
+        (Arc::new(store), dir)
+    }
+
+    crate::store::suite::store_suite!(sqlite_store);
 
     fn room(name: &str) -> RoomId {
         RoomId::new(name).expect("valid room name")
@@ -588,10 +585,7 @@ mod tests {
 
     #[tokio::test]
     async fn appends_stamp_rows_and_new_rooms_in_the_schemas_format() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("tandem.db"))
-            .await
-            .expect("open");
+        let (store, _dir) = file_store().await;
         store.append(&[append("a", b"1")]).await.expect("append");
         let (created, shaped, recent, room_created, room_updated): (String, bool, bool, String, String) =
             store.write.run(|conn| Ok(conn.query_row(
@@ -709,10 +703,7 @@ mod tests {
 
     #[tokio::test]
     async fn opens_in_wal_mode_with_full_sync() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("tandem.db"))
-            .await
-            .expect("open");
+        let (store, _dir) = file_store().await;
         // On the write connection, which makes every commit.
         let (mode, sync): (String, i64) = store
             .write
