@@ -8,6 +8,13 @@
 //!
 //! The load side (the writers' sends at the rate, and the readers' reads) runs on a thread of
 //! its own in this process and is not counted.
+//!
+//! With `--crdt` the frames are real Yjs updates (each writer pushes a number into an array, as
+//! `rooms`' writers do), each preceded by its length in two bytes, and the relay thread keeps
+//! one yrs document per room: it decodes each update, applies it in one transaction and encodes
+//! that transaction's update, as a Yjs server's room does, before it writes the frame as it came
+//! to the room's other sockets. That is the floor of a CRDT server that keeps nothing: what a
+//! server with no framework, no framing and no store would pay.
 
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
@@ -15,8 +22,10 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use serde_json::{json, Value};
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, Transact, Update};
 
-use crate::{parse_secs, peers, procstat, Res};
+use crate::{parse_secs, peers, procstat, wire, Res};
 
 /// After the window: the relay goes on relaying, unmeasured, and the load side reads until every
 /// frame has arrived, for at most this long.
@@ -43,9 +52,80 @@ pub struct RelayArgs {
     /// Relaying before the measured window starts.
     #[arg(long, default_value = "2s", value_parser = parse_secs)]
     warmup: Duration,
+    /// Relay real Yjs updates and apply each to the room's yrs document before relaying it
+    /// (`--frame-bytes` is then ignored: the updates are as long as they are).
+    #[arg(long)]
+    crdt: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A writer's frames: fixed bytes, or a Yjs update each time, with its length in front.
+enum Frames {
+    Fixed(Vec<u8>),
+    Crdt(Vec<(Doc, yrs::ArrayRef)>),
+}
+
+impl Frames {
+    fn next(&mut self, room: usize) -> Vec<u8> {
+        match self {
+            Frames::Fixed(frame) => frame.clone(),
+            Frames::Crdt(docs) => {
+                let (doc, arr) = &docs[room];
+                let update = wire::stamp_update(doc, arr);
+                let len = u16::try_from(update.len()).expect("a one-number update is short");
+                let mut frame = len.to_be_bytes().to_vec();
+                frame.extend_from_slice(&update);
+                frame
+            }
+        }
+    }
+}
+
+/// The relay's per-room CRDT work: one document per room, and what was read of a frame whose
+/// end has not arrived yet.
+struct Crdt {
+    docs: Vec<Doc>,
+    partial: Vec<Vec<u8>>,
+    /// Updates applied over the whole run.
+    applied: u64,
+}
+
+impl Crdt {
+    fn new(rooms: usize) -> Self {
+        Crdt {
+            docs: (0..rooms).map(|_| Doc::new()).collect(),
+            partial: vec![Vec::new(); rooms],
+            applied: 0,
+        }
+    }
+
+    /// Takes `read` for `room`, applies every whole update in it, and returns the bytes to relay
+    /// (whole frames only, as they came) and how many updates they hold.
+    fn take(&mut self, room: usize, read: &[u8]) -> Res<(Vec<u8>, u64)> {
+        let pending = &mut self.partial[room];
+        pending.extend_from_slice(read);
+        let (mut at, mut count) = (0, 0);
+        while let Some(head) = pending.get(at..at + 2) {
+            let len = usize::from(u16::from_be_bytes([head[0], head[1]]));
+            let Some(update) = pending.get(at + 2..at + 2 + len) else {
+                break;
+            };
+            let update = Update::decode_v1(update).map_err(|e| format!("relay decode: {e}"))?;
+            let mut txn = self.docs[room].transact_mut();
+            txn.apply_update(update)
+                .map_err(|e| format!("relay apply: {e}"))?;
+            // What a Yjs server relays: the transaction's own update, encoded once.
+            std::hint::black_box(txn.encode_update_v1());
+            at += 2 + len;
+            count += 1;
+        }
+        self.applied += count;
+        let whole = pending[..at].to_vec();
+        pending.drain(..at);
+        Ok((whole, count))
+    }
 }
 
 /// Runs the relay and its load, and prints the report.
@@ -53,7 +133,7 @@ pub async fn relay(args: RelayArgs) -> Res<()> {
     if args.rooms == 0 || args.clients < 2 || args.rate <= 0.0 {
         return Err("need rooms >= 1, clients >= 2 and rate > 0".into());
     }
-    if args.frame_bytes == 0 || args.frame_bytes > 4096 {
+    if !args.crdt && (args.frame_bytes == 0 || args.frame_bytes > 4096) {
         return Err("need 1 <= frame-bytes <= 4096".into());
     }
     // Both ends of every connection live in this process.
@@ -104,6 +184,8 @@ struct Measured {
     user_s: f64,
     sys_s: f64,
     short_writes: u64,
+    /// With `--crdt`: updates the relay applied over the whole run.
+    applied: Option<u64>,
 }
 
 fn run(args: &RelayArgs) -> Res<Value> {
@@ -113,9 +195,10 @@ fn run(args: &RelayArgs) -> Res<Value> {
     let (warmup, duration) = (args.warmup, args.duration);
     let start = Instant::now();
     let stop = start + warmup + duration;
+    let crdt = args.crdt.then(|| Crdt::new(rooms));
     let relay = std::thread::Builder::new()
         .name("relay".into())
-        .spawn(move || relay_thread(relay_ends, rooms, clients, start + warmup, stop))
+        .spawn(move || relay_thread(relay_ends, crdt, rooms, clients, start + warmup, stop))
         .map_err(|e| e.to_string())?;
 
     // The load: each room's writer sends in turn, readers are drained as they become readable.
@@ -127,7 +210,20 @@ fn run(args: &RelayArgs) -> Res<Value> {
                 .map_err(|e| e.to_string())?;
         }
     }
-    let frame = vec![0x5a_u8; args.frame_bytes];
+    let mut frames = if args.crdt {
+        Frames::Crdt(
+            (0..rooms)
+                .map(|_| {
+                    let doc = Doc::new();
+                    let arr = doc.get_or_insert_array("ts0");
+                    (doc, arr)
+                })
+                .collect(),
+        )
+    } else {
+        Frames::Fixed(vec![0x5a_u8; args.frame_bytes])
+    };
+    let mut sent_bytes: u64 = 0;
     let period = Duration::from_secs_f64(1.0 / (args.rate * rooms as f64));
     let mut next = Instant::now();
     let mut room = 0;
@@ -135,15 +231,16 @@ fn run(args: &RelayArgs) -> Res<Value> {
     let mut received_bytes: u64 = 0;
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0_u8; 1 << 16];
-    let expected = |sent: u64| sent * (clients as u64 - 1) * args.frame_bytes as u64;
+    let expected = |sent_bytes: u64| sent_bytes * (clients as u64 - 1);
     let drain_until = stop + DRAIN;
     loop {
         let now = Instant::now();
         // After `stop`, only reads: until every relayed frame is in, or the deadline.
-        if now >= stop && (received_bytes >= expected(sent) || now >= drain_until) {
+        if now >= stop && (received_bytes >= expected(sent_bytes) || now >= drain_until) {
             break;
         }
         if now >= next && now < stop {
+            let frame = frames.next(room);
             if load[room * clients]
                 .write(&frame)
                 .map_err(|e| e.to_string())?
@@ -152,6 +249,7 @@ fn run(args: &RelayArgs) -> Res<Value> {
                 return Err("a writer's frame did not fit its socket buffer".into());
             }
             sent += 1;
+            sent_bytes += frame.len() as u64;
             room = (room + 1) % rooms;
             next += period;
             continue;
@@ -180,14 +278,16 @@ fn run(args: &RelayArgs) -> Res<Value> {
         "rooms": rooms,
         "clients_per_room": clients,
         "rate_per_room": args.rate,
-        "frame_bytes": args.frame_bytes,
+        "frame_bytes": if args.crdt { Value::Null } else { json!(args.frame_bytes) },
+        "crdt": args.crdt,
         "updates_sent": sent,
-        "bytes_expected": expected(sent),
+        "bytes_expected": expected(sent_bytes),
         "bytes_received": received_bytes,
         "window_s": m.seconds,
         "deliveries": m.deliveries,
         "deliveries_per_s": m.deliveries as f64 / m.seconds.max(f64::EPSILON),
         "short_writes": m.short_writes,
+        "updates_applied": m.applied,
         "relay_cpu_us_per_delivery": {
             "user": per(m.user_s),
             "sys": per(m.sys_s),
@@ -199,6 +299,7 @@ fn run(args: &RelayArgs) -> Res<Value> {
 /// Relays until [`DRAIN`] after `stop`; measures from `measure_from` to `stop`.
 fn relay_thread(
     mut socks: Vec<TcpStream>,
+    mut crdt: Option<Crdt>,
     rooms: usize,
     clients: usize,
     measure_from: Instant,
@@ -243,9 +344,21 @@ fn relay_thread(
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => return Err(format!("relay read: {e}")),
                 };
+                let whole;
+                let (out, updates) = match crdt.as_mut() {
+                    Some(crdt) => {
+                        let count;
+                        (whole, count) = crdt.take(room, &buf[..n])?;
+                        (&whole[..], count)
+                    }
+                    None => (&buf[..n], 1),
+                };
+                if out.is_empty() {
+                    continue;
+                }
                 for peer in &mut socks[room * clients + 1..(room + 1) * clients] {
-                    match peer.write(&buf[..n]) {
-                        Ok(w) if w == n => deliveries += 1,
+                    match peer.write(out) {
+                        Ok(w) if w == out.len() => deliveries += updates,
                         Ok(_) | Err(_) => short_writes += 1,
                     }
                 }
@@ -261,18 +374,22 @@ fn relay_thread(
         user_s: user1 - user0,
         sys_s: sys1 - sys0,
         short_writes,
+        applied: crdt.map(|c| c.applied),
     })
 }
 
 fn print_table(r: &Value) {
     let cpu = &r["relay_cpu_us_per_delivery"];
     let f = |k: &str| cpu[k].as_f64().unwrap_or(f64::NAN);
+    let frames = match r["frame_bytes"].as_u64() {
+        Some(n) => format!("{n}-byte frames"),
+        None => "Yjs updates applied to a yrs document per room".into(),
+    };
     println!(
-        "relay: {} rooms × {} connections, {} updates/s per room, {}-byte frames, window {:.1} s",
+        "relay: {} rooms × {} connections, {} updates/s per room, {frames}, window {:.1} s",
         r["rooms"],
         r["clients_per_room"],
         r["rate_per_room"],
-        r["frame_bytes"],
         r["window_s"].as_f64().unwrap_or(f64::NAN)
     );
     let bytes = |k: &str| r[k].as_u64().unwrap_or(0);
@@ -284,6 +401,12 @@ fn print_table(r: &Value) {
         r["short_writes"],
         lost
     );
+    if let Some(applied) = r["updates_applied"].as_u64() {
+        println!(
+            "updates applied by the relay {applied} of {} sent",
+            r["updates_sent"]
+        );
+    }
     println!(
         "relay thread CPU µs / delivery: user {:.3}, sys {:.3}, total {:.3}",
         f("user"),
@@ -306,11 +429,13 @@ mod tests {
             frame_bytes: 37,
             duration: Duration::from_millis(500),
             warmup: Duration::from_millis(100),
+            crdt: false,
             json: true,
         };
         let r = run(&args).expect("relay run");
         let sent = r["updates_sent"].as_u64().expect("sent");
         assert!(sent >= 30, "{r}");
+        assert!(r["updates_applied"].is_null(), "{r}");
         assert_eq!(r["bytes_expected"].as_u64(), Some(sent * 3 * 37), "{r}");
         assert_eq!(r["bytes_received"], r["bytes_expected"], "{r}");
         assert_eq!(r["short_writes"].as_u64(), Some(0), "{r}");
@@ -320,5 +445,30 @@ mod tests {
             .as_f64()
             .expect("cpu");
         assert!(total.is_finite() && total >= 0.0, "{r}");
+    }
+
+    #[test]
+    fn with_crdt_every_update_is_applied_and_relayed_whole() {
+        let args = RelayArgs {
+            rooms: 2,
+            clients: 3,
+            rate: 50.0,
+            frame_bytes: 40,
+            duration: Duration::from_millis(500),
+            warmup: Duration::from_millis(100),
+            crdt: true,
+            json: true,
+        };
+        let r = run(&args).expect("relay run");
+        let sent = r["updates_sent"].as_u64().expect("sent");
+        assert!(sent >= 40, "{r}");
+        assert_eq!(r["updates_applied"].as_u64(), Some(sent), "{r}");
+        // Frames are updates of varying length: more than a two-byte length each.
+        let expected = r["bytes_expected"].as_u64().expect("expected");
+        assert!(expected > sent * 2 * 3, "{r}");
+        assert_eq!(r["bytes_received"], r["bytes_expected"], "{r}");
+        assert_eq!(r["short_writes"].as_u64(), Some(0), "{r}");
+        let deliveries = r["deliveries"].as_u64().expect("deliveries");
+        assert!(deliveries > 0 && deliveries <= sent * 2, "{r}");
     }
 }
