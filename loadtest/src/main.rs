@@ -26,7 +26,9 @@
 //! `disk` measures the disk's `fdatasync` latency, the floor under any durable
 //! acknowledgement; `relay` measures the floor under `rooms`' CPU per delivery: a bare relay
 //! thread that sends each delivery with one `write` and does nothing else (`--rooms 1 --clients
-//! 1501 --rate 20` lays it out as `fanout`). Everything it starts
+//! 1501 --rate 20` lays it out as `fanout`; with `--crdt` it applies each real Yjs update to a
+//! yrs document per room before relaying it: the floor of a CRDT server that keeps nothing).
+//! Everything it starts
 //! it stops; every wait has a deadline.
 
 mod awareness;
