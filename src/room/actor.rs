@@ -24,10 +24,11 @@ use crate::doc::{Applied, DecodedUpdate, DocError, YDoc, YrsFold};
 use crate::hashing::FastMap;
 use crate::ids::{ConnId, NodeId, RoomId};
 use crate::metrics::{Refused, METRICS};
-use crate::session::outbox::{Outbox, PushError};
+use crate::session::outbox::{Offered, Outbox, PushError};
 use crate::store::writer::{CommitListener, StoreWriter, WriteRequest};
 use crate::store::{Append, Compacted, DynStore};
-use crate::ws::Written;
+use crate::ws::frame::binary_frame;
+use crate::ws::{Written, FRAGMENT_BYTES};
 
 /// Commands handled in one turn at most before the frames they produced are written.
 const COMMANDS_PER_TURN: usize = 64;
@@ -621,15 +622,40 @@ impl Actor {
 
     /// Pushes `frame` to every peer except `skip`; peers over budget are dropped from the room
     /// (their outbox already asked them to close with 1013).
+    ///
+    /// When this is likely the turn's only frame for the peers (nothing queued for them yet
+    /// and no command waiting) and the room writes to all its peers itself, the frame is
+    /// encoded as a WebSocket frame once and offered to each socket as it is
+    /// ([`Outbox::offer`]); otherwise it is queued, and the turn's frames leave together.
     fn broadcast(&mut self, frame: &Bytes, skip: Option<ConnId>) {
         let mut overflowed = Vec::new();
         let mut delivered = 0;
+        let mut sent = Written::default();
+        let encoded = (self.unflushed.is_empty()
+            && self.inbox.is_empty()
+            && self.peers.len() <= DIRECT_FLUSHES
+            && frame.len() <= FRAGMENT_BYTES)
+            .then(|| Bytes::from(binary_frame(frame)));
         for (&id, peer) in &self.peers {
             if Some(id) == skip {
                 continue;
             }
-            match peer.outbox.queue(frame.clone()) {
-                Ok(first) => {
+            let offered = match &encoded {
+                Some(encoded) => peer.outbox.offer(frame, encoded),
+                None => peer
+                    .outbox
+                    .queue(frame.clone())
+                    .map(|first| Offered::Queued { first }),
+            };
+            match offered {
+                Ok(Offered::Sent) => {
+                    delivered += 1;
+                    sent.add(Written {
+                        messages: 1,
+                        bytes: frame.len() as u64,
+                    });
+                }
+                Ok(Offered::Queued { first }) => {
                     delivered += 1;
                     if first {
                         self.unflushed.push(id);
@@ -645,6 +671,8 @@ impl Actor {
             }
         }
         METRICS.deliveries.add(delivered);
+        METRICS.frames_out.add(sent.messages);
+        METRICS.bytes_out.add(sent.bytes);
         for id in overflowed {
             self.leave(id);
         }

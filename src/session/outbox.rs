@@ -8,6 +8,11 @@
 //! would pass its budget, the push fails and the connection is told to close with 1013 (try
 //! again later): a slow reader costs only itself, and no CRDT frame is ever dropped silently —
 //! the client resyncs when it reconnects.
+//!
+//! A room that writes to all its peers itself and has nothing queued for them encodes an update
+//! as a WebSocket frame once and offers those bytes to each socket ([`Outbox::offer`]): a peer
+//! with nothing queued gets them at once, without the per-connection framing and copy of a
+//! flush, and a peer with frames queued gets the message queued behind them.
 
 use std::borrow::Cow;
 use std::io;
@@ -114,6 +119,18 @@ impl Wire {
     fn has_backlog(&self, closing: bool) -> bool {
         !self.writer.is_idle() || (!closing && !self.frames.is_empty())
     }
+}
+
+/// How [`Outbox::offer`] took a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Handed to the socket (what it did not take at once is the connection task's to write).
+    Sent,
+    /// Queued; `first` as [`Outbox::queue`] returns it: the caller owes a flush.
+    Queued {
+        /// The first frame queued since the last flush.
+        first: bool,
+    },
 }
 
 /// What both ends share.
@@ -235,11 +252,20 @@ impl Outbox {
         if self.shared.closing() {
             return Err(PushError::Closed);
         }
-        let len = frame.len();
-        let mut wire = self.shared.wire();
+        let wire = self.shared.wire();
+        self.queue_locked(wire, frame)
+    }
+
+    /// [`Outbox::queue`] with the lock taken.
+    fn queue_locked(
+        &self,
+        mut wire: MutexGuard<'_, Wire>,
+        frame: Bytes,
+    ) -> Result<bool, PushError> {
         if wire.receiver_gone {
             return Err(PushError::Closed);
         }
+        let len = frame.len();
         if wire.queued > 0 && wire.queued + len > self.shared.budget {
             drop(wire);
             self.close(
@@ -251,6 +277,31 @@ impl Outbox {
         wire.queued += len;
         wire.frames.push_back(frame);
         Ok(!std::mem::replace(&mut wire.corked, true))
+    }
+
+    /// Sends `message` now when nothing waits before it, as `encoded`: the same message as one
+    /// whole WebSocket frame, encoded once for every peer. This skips the queue, the
+    /// per-connection framing and the copy of a write through [`Outbox::flush`]. What the socket
+    /// does not take is left to the connection's task, which is woken. Otherwise (frames
+    /// queued, or anything else due first) the message is queued as [`Outbox::queue`] queues
+    /// it, and the caller owes a flush.
+    pub fn offer(&self, message: &Bytes, encoded: &Bytes) -> Result<Offered, PushError> {
+        if self.shared.closing() {
+            return Err(PushError::Closed);
+        }
+        let mut wire = self.shared.wire();
+        if !wire.receiver_gone && wire.frames.is_empty() {
+            if let Some(result) = wire.writer.try_send_encoded(encoded) {
+                let backlog = !wire.writer.is_idle();
+                drop(wire);
+                if backlog || result.is_err() {
+                    self.shared.waker.wake();
+                }
+                return Ok(Offered::Sent);
+            }
+        }
+        self.queue_locked(wire, message.clone())
+            .map(|first| Offered::Queued { first })
     }
 
     /// Writes what is queued as far as the socket takes it without waiting, and wakes the
@@ -529,6 +580,89 @@ mod tests {
             tx.push(frame).unwrap();
         }
         assert!(tx.queued_bytes() > 0, "the socket filled up");
+        assert!(matches!(signal(&mut rx).await, Signal::Frames));
+        let conn = tokio::spawn(async move {
+            let mut written = Written::default();
+            poll_fn(|cx| rx.poll_write(cx, &mut written)).await.unwrap();
+            rx
+        });
+        let frames = read_frames(&mut client, count).await;
+        for (i, frame) in frames.iter().enumerate() {
+            assert_eq!(frame, format!("{i:0>100}").as_bytes(), "frame {i}");
+        }
+        let _rx = conn.await.unwrap();
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
+    fn encoded(message: &Bytes) -> Bytes {
+        Bytes::from(crate::ws::frame::binary_frame(message))
+    }
+
+    #[tokio::test]
+    async fn an_offer_to_an_idle_outbox_goes_straight_to_the_socket() {
+        let (tx, mut rx, mut client) = on_socket(1024).await;
+        let one = Bytes::from_static(b"one");
+        assert_eq!(tx.offer(&one, &encoded(&one)), Ok(Offered::Sent));
+        assert_eq!(tx.queued_bytes(), 0);
+        assert_eq!(
+            tx.queue(Bytes::from_static(b"x")),
+            Ok(true),
+            "nothing was queued, so no flush is owed for the offer"
+        );
+        tx.flush();
+        assert_eq!(read_frames(&mut client, 2).await, [&b"one"[..], b"x"]);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            rx.poll_signal(&mut cx).is_pending(),
+            "nothing left to write"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_offer_behind_queued_frames_is_queued_after_them() {
+        let (tx, _rx, mut client) = on_socket(1024).await;
+        assert_eq!(tx.queue(Bytes::from_static(b"ack")), Ok(true));
+        let two = Bytes::from_static(b"two");
+        assert_eq!(
+            tx.offer(&two, &encoded(&two)),
+            Ok(Offered::Queued { first: false })
+        );
+        assert_eq!(tx.queued_bytes(), 6);
+        tx.flush();
+        assert_eq!(read_frames(&mut client, 2).await, [&b"ack"[..], b"two"]);
+    }
+
+    #[tokio::test]
+    async fn an_offer_after_the_close_or_to_a_detached_writer_does_not_send() {
+        let (tx, _rx) = detached(1024);
+        let m = Bytes::from_static(b"m");
+        assert_eq!(
+            tx.offer(&m, &encoded(&m)),
+            Ok(Offered::Queued { first: true }),
+            "no socket: queued for whoever writes"
+        );
+        let (tx, _rx, _client) = on_socket(1024).await;
+        tx.close(CloseCode::Restarting, "bye");
+        assert_eq!(tx.offer(&m, &encoded(&m)), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn what_an_offer_leaves_unsent_the_connection_writes_first_and_in_order() {
+        let (tx, mut rx, mut client) = on_socket(usize::MAX).await;
+        // Offers while the client reads nothing: the socket fills up, and what it did not take
+        // of the frame it stopped in stays with the writer.
+        let count = 200_000;
+        let mut sent = 0;
+        let mut queued = 0;
+        for i in 0..count {
+            let m = Bytes::from(format!("{i:0>100}"));
+            match tx.offer(&m, &encoded(&m)).unwrap() {
+                Offered::Sent => sent += 1,
+                Offered::Queued { .. } => queued += 1,
+            }
+        }
+        assert!(sent > 0 && queued > 0, "sent {sent}, queued {queued}");
         assert!(matches!(signal(&mut rx).await, Signal::Frames));
         let conn = tokio::spawn(async move {
             let mut written = Written::default();

@@ -157,6 +157,15 @@ pub fn write_header(out: &mut Vec<u8>, fin: bool, opcode: OpCode, len: usize) {
     }
 }
 
+/// One whole, unfragmented binary server frame carrying `payload`: the bytes a server sends for
+/// it to any client, since server frames are not masked.
+pub fn binary_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    write_header(&mut out, true, OpCode::Binary, payload.len());
+    out.extend_from_slice(payload);
+    out
+}
+
 /// The payload of a close frame: the code, then the reason (cut to 123 bytes at a character
 /// boundary).
 pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {

@@ -144,6 +144,36 @@ impl WsWriter {
         self.unsent.is_empty() && self.fragments.is_none()
     }
 
+    /// Sends `frame`, one whole WebSocket frame already encoded (header and payload, the same
+    /// bytes for every peer), without waiting and without copying it: what the socket does not
+    /// take stays as this writer's unsent bytes, a slice of `frame`, for the connection's task
+    /// ([`WsWriter::is_idle`] is then false). `None` when the frame may not go now: something
+    /// is unsent or due before it (a control frame, a close), the writer failed, or it has no
+    /// socket; the caller queues the message instead.
+    pub fn try_send_encoded(&mut self, frame: &Bytes) -> Option<io::Result<()>> {
+        if self.failed || self.close_sent || self.control.is_some() || !self.is_idle() {
+            return None;
+        }
+        // The stream stays in place for the call: the descriptor is open while it is held.
+        self.stream.as_ref()?;
+        match send_now(self.fd, frame) {
+            Poll::Ready(Ok(n)) => {
+                if n < frame.len() {
+                    self.unsent = frame.slice(n..);
+                }
+                Some(Ok(()))
+            }
+            Poll::Pending => {
+                self.unsent = frame.clone();
+                Some(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+
     /// Writes control frames and messages from `source` until both are exhausted (`Ready`) or
     /// the socket takes no more (`Pending`). Up to `batch` bytes go out in one write.
     ///
@@ -326,8 +356,9 @@ fn send(
 fn send_now(fd: RawFd, bytes: &[u8]) -> Poll<io::Result<usize>> {
     loop {
         // SAFETY: `fd` is the descriptor of the stream the writer holds for the whole write
-        // (`WsWriter::write` takes it out of `stream` and puts it back), so it is open and is
-        // that socket; the pointer and length describe `bytes`, which the call only reads.
+        // (`WsWriter::write` takes it out of `stream` and puts it back;
+        // `WsWriter::try_send_encoded` checks that it is there and holds `&mut self`), so it is
+        // open and is that socket; the pointer and length describe `bytes`, which the call only reads.
         let n = unsafe {
             libc::send(
                 fd,
