@@ -555,6 +555,28 @@ mod tests {
         frames
     }
 
+    /// The connection's task, woken for a backlog, writes it all: the client reads frames
+    /// `0..count` (numbers padded to 100 bytes) complete and in order.
+    async fn drains_in_order(
+        tx: &Outbox,
+        mut rx: OutboxReceiver,
+        client: &mut tokio::net::TcpStream,
+        count: usize,
+    ) {
+        assert!(matches!(signal(&mut rx).await, Signal::Frames));
+        let conn = tokio::spawn(async move {
+            let mut written = Written::default();
+            poll_fn(|cx| rx.poll_write(cx, &mut written)).await.unwrap();
+            rx
+        });
+        let frames = read_frames(client, count).await;
+        for (i, frame) in frames.iter().enumerate() {
+            assert_eq!(frame, format!("{i:0>100}").as_bytes(), "frame {i}");
+        }
+        let _rx = conn.await.unwrap();
+        assert_eq!(tx.queued_bytes(), 0);
+    }
+
     #[tokio::test]
     async fn a_flush_writes_to_the_socket_without_waking_the_connection() {
         let (tx, mut rx, mut client) = on_socket(1024).await;
@@ -572,7 +594,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_a_full_socket_does_not_take_is_left_to_the_connection_in_order() {
-        let (tx, mut rx, mut client) = on_socket(usize::MAX).await;
+        let (tx, rx, mut client) = on_socket(usize::MAX).await;
         // Far more than the socket buffers hold while the client reads nothing.
         let count = 200_000;
         for i in 0..count {
@@ -580,18 +602,7 @@ mod tests {
             tx.push(frame).unwrap();
         }
         assert!(tx.queued_bytes() > 0, "the socket filled up");
-        assert!(matches!(signal(&mut rx).await, Signal::Frames));
-        let conn = tokio::spawn(async move {
-            let mut written = Written::default();
-            poll_fn(|cx| rx.poll_write(cx, &mut written)).await.unwrap();
-            rx
-        });
-        let frames = read_frames(&mut client, count).await;
-        for (i, frame) in frames.iter().enumerate() {
-            assert_eq!(frame, format!("{i:0>100}").as_bytes(), "frame {i}");
-        }
-        let _rx = conn.await.unwrap();
-        assert_eq!(tx.queued_bytes(), 0);
+        drains_in_order(&tx, rx, &mut client, count).await;
     }
 
     fn encoded(message: &Bytes) -> Bytes {
@@ -649,7 +660,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_an_offer_leaves_unsent_the_connection_writes_first_and_in_order() {
-        let (tx, mut rx, mut client) = on_socket(usize::MAX).await;
+        let (tx, rx, mut client) = on_socket(usize::MAX).await;
         // Offers while the client reads nothing: the socket fills up, and what it did not take
         // of the frame it stopped in stays with the writer.
         let count = 200_000;
@@ -663,18 +674,7 @@ mod tests {
             }
         }
         assert!(sent > 0 && queued > 0, "sent {sent}, queued {queued}");
-        assert!(matches!(signal(&mut rx).await, Signal::Frames));
-        let conn = tokio::spawn(async move {
-            let mut written = Written::default();
-            poll_fn(|cx| rx.poll_write(cx, &mut written)).await.unwrap();
-            rx
-        });
-        let frames = read_frames(&mut client, count).await;
-        for (i, frame) in frames.iter().enumerate() {
-            assert_eq!(frame, format!("{i:0>100}").as_bytes(), "frame {i}");
-        }
-        let _rx = conn.await.unwrap();
-        assert_eq!(tx.queued_bytes(), 0);
+        drains_in_order(&tx, rx, &mut client, count).await;
     }
 
     #[tokio::test]
