@@ -379,6 +379,42 @@ pub fn latency_rows() -> Vec<(&'static str, Cell<'static>)> {
     ]
 }
 
+/// Prints each run's server CPU by thread (`cpu.threads`, from [`crate::procstat::threads_json`]):
+/// where a target's CPU per delivery goes, a runtime's workers apart from a store's thread.
+pub fn print_threads(runs: &[Value]) {
+    let mut header = false;
+    for run in runs {
+        let Some(threads) = run["cpu"]["threads"].as_object().filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        if !header {
+            println!("server CPU by thread, µs / delivery (user / sys):");
+            header = true;
+        }
+        let parts: Vec<String> = threads
+            .iter()
+            .map(|(name, t)| {
+                let count = t["threads"].as_u64().unwrap_or(0);
+                let many = if count > 1 {
+                    format!(" ×{count}")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{name}{many} {} / {}",
+                    num(&t["user_us_per_delivery"], 2),
+                    num(&t["sys_us_per_delivery"], 2)
+                )
+            })
+            .collect();
+        println!(
+            "  {}: {}",
+            run["target"].as_str().unwrap_or("?"),
+            parts.join("; ")
+        );
+    }
+}
+
 /// Prints one column per run (target) and one line per row, then the CPU ratios of
 /// [`cpu_ratios`] (if any) and the runs that failed.
 pub fn print_comparison(runs: &[Value], rows: &[(&str, Cell<'_>)], ratios: &Value) {

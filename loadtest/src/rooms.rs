@@ -529,15 +529,17 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
     let status = || format!("{} sent, {} delivered", shared.sent(), shared.delivered());
     progress::wait_until(window_start, "warmup", status).await;
     let (me, m0) = (procstat::sample(std::process::id())?, procstat::machine()?);
-    let (cpu0, del0, sent0, t0) = (
+    let (cpu0, threads0, del0, sent0, t0) = (
         procstat::sample(server.pid)?,
+        procstat::thread_samples(server.pid)?,
         shared.delivered(),
         shared.sent(),
         Instant::now(),
     );
     progress::wait_until(end, "measure", status).await;
-    let (cpu1, del1, sent1, t1) = (
+    let (cpu1, threads1, del1, sent1, t1) = (
         procstat::sample(server.pid)?,
+        procstat::thread_samples(server.pid)?,
         shared.delivered(),
         shared.sent(),
         Instant::now(),
@@ -586,6 +588,8 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         })
         .collect();
     let conns = (plan.rooms * plan.clients) as f64;
+    let mut cpu = procstat::cpu_json(&cpu0, &cpu1, window, deliveries);
+    cpu["threads"] = procstat::threads_json(&threads0, &threads1, deliveries);
     Ok(json!({
         "target": target.name(),
         "pid": server.pid,
@@ -594,7 +598,7 @@ async fn measure(plan: &Plan, target: Target, server: &Server) -> Res<Value> {
         "updates_sent_in_window": sent1 - sent0,
         "deliveries_in_window": deliveries,
         "deliveries_per_s": deliveries as f64 / window,
-        "cpu": procstat::cpu_json(&cpu0, &cpu1, window, deliveries),
+        "cpu": cpu,
         "latency": lat,
         "latency_curve": charts::percentile_curve(&shared.latency.lock().unwrap()),
         "deliveries_per_second": *per_second.lock().unwrap(),
@@ -639,5 +643,6 @@ fn print_table(r: &Value) {
     ]);
     rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
+    peers::print_threads(&runs);
     rounds::print_spread(&runs);
 }
