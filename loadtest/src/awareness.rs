@@ -383,15 +383,17 @@ async fn measure(args: &AwarenessArgs, target: Target, server: &Server) -> Res<V
     };
     progress::wait_until(window_start, "warmup", status).await;
     let (me0, m0) = (procstat::sample(std::process::id())?, procstat::machine()?);
-    let (cpu0, del0, sent0, t0) = (
+    let (cpu0, threads0, del0, sent0, t0) = (
         procstat::sample(server.pid)?,
+        procstat::thread_samples(server.pid)?,
         shared.delivered.load(Ordering::Relaxed),
         shared.sent.load(Ordering::Relaxed),
         Instant::now(),
     );
     progress::wait_until(end, "measure", status).await;
-    let (cpu1, del1, sent1, t1) = (
+    let (cpu1, threads1, del1, sent1, t1) = (
         procstat::sample(server.pid)?,
+        procstat::thread_samples(server.pid)?,
         shared.delivered.load(Ordering::Relaxed),
         shared.sent.load(Ordering::Relaxed),
         Instant::now(),
@@ -413,6 +415,7 @@ async fn measure(args: &AwarenessArgs, target: Target, server: &Server) -> Res<V
     let deliveries = del1 - del0;
     let sent_in_window = sent1 - sent0;
     let mut cpu = procstat::cpu_json(&cpu0, &cpu1, window, deliveries);
+    cpu["threads"] = procstat::threads_json(&threads0, &threads1, deliveries);
     if sent_in_window > 0 {
         let us = (cpu1.user_us + cpu1.sys_us).saturating_sub(cpu0.user_us + cpu0.sys_us);
         cpu["total_us_per_update_sent"] = json!(us as f64 / sent_in_window as f64);
@@ -497,6 +500,7 @@ fn print_table(r: &Value) {
     ]);
     rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
+    peers::print_threads(&runs);
 }
 
 #[cfg(test)]

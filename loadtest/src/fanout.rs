@@ -179,6 +179,7 @@ fn print_table(r: &Value) {
     ]);
     rows.extend(peers::memory_rows());
     peers::print_comparison(&runs, &rows, &r["ratios_vs_tandem"]);
+    peers::print_threads(&runs);
     rounds::print_spread(&runs);
     // Latency by the probe's place in the join order: a server that writes to its connections
     // one after another shows it growing along the order.
