@@ -630,7 +630,8 @@ impl Actor {
     fn broadcast(&mut self, frame: &Bytes, skip: Option<ConnId>) {
         let mut overflowed = Vec::new();
         let mut delivered = 0;
-        let mut sent = Written::default();
+        // Offers handed to a socket: no flush will count them.
+        let mut sent: u64 = 0;
         let encoded = (self.unflushed.is_empty()
             && self.inbox.is_empty()
             && self.peers.len() <= DIRECT_FLUSHES
@@ -650,10 +651,7 @@ impl Actor {
             match offered {
                 Ok(Offered::Sent) => {
                     delivered += 1;
-                    sent.add(Written {
-                        messages: 1,
-                        bytes: frame.len() as u64,
-                    });
+                    sent += 1;
                 }
                 Ok(Offered::Queued { first }) => {
                     delivered += 1;
@@ -671,8 +669,8 @@ impl Actor {
             }
         }
         METRICS.deliveries.add(delivered);
-        METRICS.frames_out.add(sent.messages);
-        METRICS.bytes_out.add(sent.bytes);
+        METRICS.frames_out.add(sent);
+        METRICS.bytes_out.add(sent * frame.len() as u64);
         for id in overflowed {
             self.leave(id);
         }
