@@ -18,6 +18,7 @@
 //! Store implementations know nothing of rooms or CRDTs: they move bytes, and ask a [`Fold`]
 //! (implemented by the document engine) to merge them.
 
+pub mod batcher;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
@@ -33,6 +34,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::ids::RoomId;
+use batcher::{Batcher, HostedWriter};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +175,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes pools and files; called once at shutdown after the last write.
     async fn close(&self);
+
+    /// Runs the group-commit loop on the thread this store appends on, if it has one, and says
+    /// which thread that is; otherwise gives `batcher` back and a task runs the loop.
+    fn host_writer(&self, batcher: Box<Batcher>) -> Result<HostedWriter, Box<Batcher>> {
+        Err(batcher)
+    }
 }
 
 /// A shared, type-erased store.

@@ -18,6 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, Sq
 use sqlx::Connection as _;
 use tokio::sync::oneshot;
 
+use super::batcher::{Batcher, HostedWriter};
 use super::sqlite_thread::SqliteThread;
 use super::{
     fold_rows, nothing_folded, Append, Compacted, Fold, Snapshot, Store, StoreError, StoredRoom,
@@ -283,6 +284,14 @@ impl Store for SqliteStore {
         }
         self.write.close().await;
     }
+
+    fn host_writer(&self, batcher: Box<Batcher>) -> Result<HostedWriter, Box<Batcher>> {
+        let touched = self.touched.clone();
+        self.write.host(
+            batcher,
+            Box::new(move |conn, batch| append_on(conn, batch, &touched, SystemTime::now())),
+        )
+    }
 }
 
 /// A room's snapshot and log as read by [`read_room`].
@@ -442,6 +451,7 @@ fn read_room(conn: &Connection, room: &RoomId) -> Result<Loaded, StoreError> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use bytes::Bytes;
     use tempfile::TempDir;
@@ -450,6 +460,7 @@ mod tests {
     use crate::doc::YrsFold;
     use crate::ids::RoomId;
     use crate::store::suite::{assert_holds_exactly, keyed_update};
+    use crate::store::writer::{CommitListener, StoreWriter, WriteRequest, WriterOptions};
     use crate::store::{Append, DynStore, Store, StoreError};
 
     /// A store in a new file, as its own type (for the tests that reach its threads).
@@ -482,6 +493,64 @@ mod tests {
             data,
             origin: Arc::from("test-node"),
         }
+    }
+
+    /// Hands every acknowledgement to the test.
+    struct Acks(tokio::sync::mpsc::UnboundedSender<(u64, i64)>);
+
+    impl CommitListener for Acks {
+        fn committed(&self, seq: u64, id: i64) {
+            let _ = self.0.send((seq, id));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_runs_on_the_stores_thread_and_closing_commits_what_it_holds() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tandem.db");
+        let store: DynStore = Arc::new(SqliteStore::open(&path).await.expect("open"));
+        // A window far longer than the test: only closing the store commits the second update.
+        let opts = WriterOptions {
+            window: Duration::from_secs(600),
+            ..WriterOptions::default()
+        };
+        let (writer, _task) = StoreWriter::spawn(store.clone(), opts);
+        let (acked, mut acks) = tokio::sync::mpsc::unbounded_channel();
+        let listener: Arc<dyn CommitListener> = Arc::new(Acks(acked));
+        let submit = |seq: u64, data: &'static [u8]| {
+            writer.try_submit(WriteRequest {
+                append: append("a", data),
+                seq,
+                listener: listener.clone(),
+            })
+        };
+        submit(1, b"one").expect("queued");
+        submit(2, b"two").expect("queued");
+        // Two requests queued together are a group: committed at once, window or not.
+        let first = tokio::time::timeout(Duration::from_secs(5), acks.recv()).await;
+        assert_eq!(first.expect("acknowledged"), Some((1, 1)));
+        assert_eq!(acks.recv().await, Some((2, 2)));
+        submit(3, b"three").expect("queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            acks.try_recv().is_err(),
+            "a lone update waits for its window"
+        );
+        store.close().await;
+        assert_eq!(acks.try_recv(), Ok((3, 3)), "closing committed it first");
+        assert_eq!(writer.stats().batches(), 2);
+
+        let store = SqliteStore::open(&path).await.expect("reopen");
+        let stored = store.load(&room("a")).await.expect("load");
+        let data: Vec<(i64, Bytes)> = stored.updates;
+        assert_eq!(
+            data,
+            vec![
+                (1, Bytes::from_static(b"one")),
+                (2, Bytes::from_static(b"two")),
+                (3, Bytes::from_static(b"three")),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -10,12 +10,15 @@
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::thread;
+use std::thread::{self, Thread};
+use std::time::Instant;
 
 use rusqlite::Connection;
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
+use super::batcher::{Batcher, HostedWriter, Turn};
+use super::{Append, StoreError};
 
 /// Jobs queued for the thread before a sender waits for room (the queue's overflow policy). Every
 /// caller awaits its job's answer before sending another, so the queue never holds more than one
@@ -23,10 +26,21 @@ use super::StoreError;
 /// being opened.
 const QUEUE: usize = 64;
 
+/// Appends a batch on the connection: what a hosted [`Batcher`] commits with.
+pub(crate) type AppendOn =
+    Box<dyn FnMut(&mut Connection, &[Append]) -> Result<Vec<i64>, StoreError> + Send>;
+
 /// What the thread receives.
 enum Job {
     /// Run this on the connection.
     Run(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// Turn this group-commit loop between jobs, appending with `append`; say `done` when it
+    /// is over.
+    Host {
+        batcher: Box<Batcher>,
+        append: AppendOn,
+        done: oneshot::Sender<()>,
+    },
     /// Close the connection, answer, and refuse everything after.
     Close(oneshot::Sender<()>),
 }
@@ -35,6 +49,15 @@ enum Job {
 /// the connection once the jobs queued before have run.
 pub(crate) struct SqliteThread {
     jobs: mpsc::Sender<Job>,
+    /// The thread, which sleeps (parked) when it has nothing to do: every sender unparks it.
+    thread: Thread,
+}
+
+/// A group-commit loop the thread turns, with what it appends with.
+struct Hosted {
+    batcher: Box<Batcher>,
+    append: AppendOn,
+    done: oneshot::Sender<()>,
 }
 
 impl fmt::Debug for SqliteThread {
@@ -54,11 +77,41 @@ impl SqliteThread {
     ) -> Result<Self, StoreError> {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let (opened, ready) = oneshot::channel();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || serve(open, queue, opened))?;
         ready.await.map_err(|_| StoreError::Closed)??;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            thread: handle.thread().clone(),
+        })
+    }
+
+    /// Has the thread turn `batcher` between jobs, committing with `append`. Gives it back if
+    /// the thread is closed or its queue is full.
+    pub(crate) fn host(
+        &self,
+        batcher: Box<Batcher>,
+        append: AppendOn,
+    ) -> Result<HostedWriter, Box<Batcher>> {
+        let (done, finished) = oneshot::channel();
+        let job = Job::Host {
+            batcher,
+            append,
+            done,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {
+                self.thread.unpark();
+                Ok(HostedWriter {
+                    thread: self.thread.clone(),
+                    done: finished,
+                })
+            }
+            Err(TrySendError::Full(Job::Host { batcher, .. }))
+            | Err(TrySendError::Closed(Job::Host { batcher, .. })) => Err(batcher),
+            Err(_) => unreachable!("the job sent is a Host"),
+        }
     }
 
     /// Jobs sent and not yet taken up by the thread.
@@ -87,16 +140,7 @@ impl SqliteThread {
     ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError> {
         let (answer, answered) = oneshot::channel();
         let job = move |conn: &mut Connection| {
-            let result = catch_unwind(AssertUnwindSafe(|| op(conn))).unwrap_or_else(|panic| {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(StoreError::Internal(format!(
-                    "an SQLite job panicked: {why}"
-                )))
-            });
+            let result = caught(|| op(conn));
             // The caller may have stopped waiting (its task was cancelled): nothing to tell.
             let _ = answer.send(result);
         };
@@ -104,6 +148,7 @@ impl SqliteThread {
             .send(Job::Run(Box::new(job)))
             .await
             .map_err(|_| StoreError::Closed)?;
+        self.thread.unpark();
         Ok(answered)
     }
 
@@ -112,12 +157,14 @@ impl SqliteThread {
     pub(crate) async fn close(&self) {
         let (closed, done) = oneshot::channel();
         if self.jobs.send(Job::Close(closed)).await.is_ok() {
+            self.thread.unpark();
             let _ = done.await;
         }
     }
 }
 
-/// The thread's body: open, then run jobs until closed or every handle is dropped.
+/// The thread's body: open, then run jobs and turn the hosted writer until closed or every
+/// handle is dropped, sleeping (parked) whenever neither has anything to do.
 fn serve(
     open: impl FnOnce() -> Result<Connection, StoreError>,
     mut queue: mpsc::Receiver<Job>,
@@ -133,30 +180,128 @@ fn serve(
     if opened.send(Ok(())).is_err() {
         return;
     }
-    while let Some(job) = queue.blocking_recv() {
-        match job {
-            Job::Run(job) => {
-                job(&mut conn);
-                if !conn.is_autocommit() {
-                    // Only a panicking job can leave a transaction open (rusqlite's
-                    // `Transaction` rolls back when dropped); the next job must not run in it.
-                    tracing::error!("an SQLite job left a transaction open; rolling it back");
-                    let _ = conn.execute_batch("ROLLBACK");
+    let mut hosted: Option<Hosted> = None;
+    loop {
+        // Jobs first, in the order they were sent; then one turn of the writer.
+        let disconnected = loop {
+            match queue.try_recv() {
+                Ok(Job::Run(job)) => run(&mut conn, job),
+                Ok(Job::Host {
+                    batcher,
+                    append,
+                    done,
+                }) => {
+                    hosted = Some(Hosted {
+                        batcher,
+                        append,
+                        done,
+                    });
+                }
+                Ok(Job::Close(closed)) => {
+                    queue.close();
+                    if let Some(hosted) = hosted.take() {
+                        finish(&mut conn, hosted);
+                    }
+                    drop(conn);
+                    let _ = closed.send(());
+                    return;
+                }
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        let turn = match &mut hosted {
+            Some(h) => {
+                let append = &mut h.append;
+                h.batcher.turn(Instant::now(), &mut |batch| {
+                    append_caught(&mut conn, append, batch)
+                })
+            }
+            None => Turn::Idle,
+        };
+        match turn {
+            Turn::Until(at) => {
+                let wait = at.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    thread::park_timeout(wait);
                 }
             }
-            Job::Close(closed) => {
-                queue.close();
-                drop(conn);
-                let _ = closed.send(());
-                return;
+            Turn::Done => {
+                if let Some(hosted) = hosted.take() {
+                    let _ = hosted.done.send(());
+                }
             }
+            Turn::Idle if disconnected => return,
+            Turn::Idle => thread::park(),
         }
     }
 }
 
+/// Runs `op`, turning a panic into [`StoreError::Internal`].
+fn caught<T>(op: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    catch_unwind(AssertUnwindSafe(op)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(StoreError::Internal(format!(
+            "an SQLite job panicked: {why}"
+        )))
+    })
+}
+
+/// Appends with `append`, as a job does: a panic is an error, and a transaction it left open is
+/// rolled back.
+fn append_caught(
+    conn: &mut Connection,
+    append: &mut AppendOn,
+    batch: &[Append],
+) -> Result<Vec<i64>, StoreError> {
+    let result = caught(|| append(conn, batch));
+    roll_back_leftover(conn);
+    result
+}
+
+/// Rolls back a transaction a panicking job left open.
+fn roll_back_leftover(conn: &mut Connection) {
+    if !conn.is_autocommit() {
+        // Only a panicking job can leave a transaction open (rusqlite's `Transaction` rolls back
+        // when dropped); the next job must not run in it.
+        tracing::error!("an SQLite job left a transaction open; rolling it back");
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+}
+
+/// Runs one job, rolling back a transaction it left open.
+fn run(conn: &mut Connection, job: Box<dyn FnOnce(&mut Connection) + Send>) {
+    job(conn);
+    roll_back_leftover(conn);
+}
+
+/// Commits what a hosted writer holds and has queued before the connection closes (at shutdown
+/// every room has waited for its updates, so this is normally nothing).
+fn finish(conn: &mut Connection, mut hosted: Hosted) {
+    let append = &mut hosted.append;
+    if !hosted
+        .batcher
+        .flush(&mut |batch| append_caught(conn, append, batch))
+    {
+        tracing::error!("the store closed with updates it could not commit; none was acknowledged");
+    }
+    let _ = hosted.done.send(());
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::ids::RoomId;
+    use crate::store::writer::{CommitListener, WriteRequest, WriterOptions, WriterStats};
 
     async fn memory() -> SqliteThread {
         SqliteThread::start("test-sqlite", || Ok(Connection::open_in_memory()?))
@@ -223,6 +368,93 @@ mod tests {
             .await
             .expect("the thread still serves");
         assert_eq!(rows, 0, "the panicking job's insert was rolled back");
+    }
+
+    /// Hands every acknowledgement to the test.
+    struct Acks(mpsc::UnboundedSender<(u64, i64)>);
+
+    impl CommitListener for Acks {
+        fn committed(&self, seq: u64, id: i64) {
+            let _ = self.0.send((seq, id));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hosted_writer_commits_between_jobs_and_outlives_a_panicking_append() {
+        let thread = memory_with_table().await;
+        let opts = WriterOptions {
+            window: Duration::ZERO,
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            ..WriterOptions::default()
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let stats = Arc::new(WriterStats::default());
+        let batcher = Box::new(Batcher::new(rx, opts, stats.clone()));
+        let mut calls = 0;
+        let append: AppendOn = Box::new(move |conn, batch| {
+            calls += 1;
+            let tx = conn.transaction()?;
+            let mut ids = Vec::new();
+            for a in batch {
+                tx.execute("INSERT INTO t VALUES (?1)", [a.data.len() as i64])?;
+                ids.push(tx.last_insert_rowid());
+            }
+            assert!(calls > 1, "the first append panics inside its transaction");
+            tx.commit()?;
+            Ok(ids)
+        });
+        let hosted = thread.host(batcher, append).expect("the thread takes it");
+        let (acked, mut acks) = mpsc::unbounded_channel();
+        let listener: Arc<dyn CommitListener> = Arc::new(Acks(acked));
+        for seq in 1..=3u64 {
+            tx.send(WriteRequest {
+                append: Append {
+                    room: RoomId::new("r").expect("room"),
+                    data: Bytes::from(vec![0; seq as usize]),
+                    origin: Arc::from("test"),
+                },
+                seq,
+                listener: listener.clone(),
+            })
+            .await
+            .expect("queued");
+            hosted.thread.unpark();
+            // Jobs keep running on the thread while it hosts the writer.
+            thread.run(|_| Ok(())).await.expect("a job runs");
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let ack = tokio::time::timeout(Duration::from_secs(5), acks.recv()).await;
+            seen.push(ack.expect("acknowledged").expect("listener alive"));
+        }
+        assert_eq!(
+            seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert!(
+            stats.failures() >= 1,
+            "the panic counted as a failed append"
+        );
+        let rows: Vec<i64> = thread
+            .run(|conn| {
+                let mut select = conn.prepare("SELECT x FROM t ORDER BY rowid")?;
+                let xs = select.query_map([], |row| row.get(0))?;
+                Ok(xs.collect::<Result<_, _>>()?)
+            })
+            .await
+            .expect("select");
+        assert_eq!(
+            rows,
+            [1, 2, 3],
+            "each update once, in order, nothing of the panic"
+        );
+        drop(tx);
+        hosted.thread.unpark();
+        tokio::time::timeout(Duration::from_secs(5), hosted.done)
+            .await
+            .expect("the loop ends once every handle is dropped")
+            .expect("said so");
     }
 
     #[tokio::test]

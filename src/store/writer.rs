@@ -24,7 +24,8 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Append, DynStore};
+use super::batcher::Batcher;
+use super::{Append, DynStore, StoreError};
 use crate::metrics::METRICS;
 
 /// Told when an update it submitted is durable.
@@ -129,40 +130,70 @@ pub struct StoreWriter {
     tx: mpsc::Sender<WriteRequest>,
     /// Shared with the task, which updates it.
     stats: Arc<WriterStats>,
+    /// The store's thread when the loop runs there: it sleeps until a submitter unparks it.
+    wake: Option<std::thread::Thread>,
 }
 
 impl StoreWriter {
-    /// Starts the writer task on the current tokio runtime. Await the handle after dropping every
-    /// `StoreWriter` to know that everything submitted is durable.
+    /// Starts the writer: on the store's own thread if it has one
+    /// ([`Store::host_writer`](super::Store::host_writer)), else as a task on the current tokio
+    /// runtime. Await the handle after dropping every `StoreWriter` to know that everything
+    /// submitted is durable.
     pub fn spawn(store: DynStore, opts: WriterOptions) -> (StoreWriter, JoinHandle<()>) {
-        let opts = WriterOptions {
-            max_batch: opts.max_batch.max(1),
-            queue_capacity: opts.queue_capacity.max(1),
-            retry_initial: opts.retry_initial.max(Duration::from_millis(1)),
-            retry_max: opts.retry_max.max(opts.retry_initial),
-            ..opts
-        };
+        let opts = clamped(opts);
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
         let stats = Arc::new(WriterStats::default());
-        let task = WriterTask {
-            store,
-            rx,
-            opts,
-            stats: stats.clone(),
-        };
-        let handle = tokio::spawn(task.run());
-        (StoreWriter { tx, stats }, handle)
+        let batcher = Box::new(Batcher::new(rx, opts, stats.clone()));
+        match store.host_writer(batcher) {
+            Ok(hosted) => {
+                let handle = tokio::spawn(async move {
+                    // Sent when the loop ends; dropped unsent if the thread dies first.
+                    let _ = hosted.done.await;
+                });
+                let wake = Some(hosted.thread);
+                (StoreWriter { tx, stats, wake }, handle)
+            }
+            Err(batcher) => {
+                let (rx, opts) = batcher.into_parts();
+                let task = WriterTask {
+                    store,
+                    rx,
+                    opts,
+                    stats: stats.clone(),
+                };
+                let handle = tokio::spawn(task.run());
+                (
+                    StoreWriter {
+                        tx,
+                        stats,
+                        wake: None,
+                    },
+                    handle,
+                )
+            }
+        }
     }
 
     /// Queues an update. Waits for queue space (backpressure: the caller slows down, nothing is
     /// dropped).
     pub async fn submit(&self, req: WriteRequest) -> Result<(), WriterClosed> {
-        self.tx.send(req).await.map_err(|_| WriterClosed)
+        self.tx.send(req).await.map_err(|_| WriterClosed)?;
+        self.wake();
+        Ok(())
     }
 
     /// Queues `req` if the queue has room, without waiting; gives it back if not.
     pub fn try_submit(&self, req: WriteRequest) -> Result<(), TrySendError<WriteRequest>> {
-        self.tx.try_send(req)
+        self.tx.try_send(req)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes the thread that runs the loop, if a thread does (a task is woken by the queue).
+    fn wake(&self) {
+        if let Some(thread) = &self.wake {
+            thread.unpark();
+        }
     }
 
     /// The writer's counters.
@@ -183,7 +214,7 @@ impl StoreWriter {
 }
 
 /// Whom to tell about one committed update: the submitter's `seq` and its listener.
-type Ack = (u64, Arc<dyn CommitListener>);
+pub(super) type Ack = (u64, Arc<dyn CommitListener>);
 
 /// The task behind [`StoreWriter`].
 struct WriterTask {
@@ -236,53 +267,92 @@ impl WriterTask {
             let appended = self.store.append(&appends).await;
             METRICS.store_append_seconds.observe(attempt.elapsed());
             match appended {
-                Ok(ids) => {
-                    self.stats.failing.store(false, Ordering::Relaxed);
-                    break ids;
-                }
+                Ok(ids) => break ids,
                 Err(error) => {
                     failures += 1;
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    METRICS.store_errors.append.inc();
-                    self.stats.failing.store(true, Ordering::Relaxed);
-                    tracing::warn!(
-                        %error,
-                        rows = appends.len(),
-                        attempt = failures,
-                        retry_in = ?backoff,
-                        "store append failed; retrying the same batch",
-                    );
+                    failed(&self.stats, &error, appends.len(), failures, backoff);
                     // Not taking new requests meanwhile lets the queue fill, so submitters wait.
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.opts.retry_max);
+                    backoff = next_backoff(backoff, &self.opts);
                 }
             }
         };
-        if failures > 0 {
-            tracing::info!(
-                rows = appends.len(),
-                failures,
-                "store append succeeded after retrying"
-            );
-        }
-        if ids.len() != appends.len() {
-            // A broken store; retrying could store the batch twice, so acknowledge what we can.
-            tracing::error!(
-                rows = appends.len(),
-                ids = ids.len(),
-                "store returned the wrong number of ids for an append",
-            );
-        }
+        committed(
+            &self.stats,
+            appends.len(),
+            ids,
+            acks,
+            failures,
+            taken.elapsed(),
+        );
+    }
+}
 
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .rows
-            .fetch_add(appends.len() as u64, Ordering::Relaxed);
-        METRICS.store_group_size.observe(appends.len());
-        METRICS.store_commit_seconds.observe(taken.elapsed());
-        for ((seq, listener), id) in acks.into_iter().zip(ids) {
-            listener.committed(seq, id);
-        }
+/// Records a failed append of `rows` updates (its `failures`th) that is retried after `retry_in`.
+pub(super) fn failed(
+    stats: &WriterStats,
+    error: &StoreError,
+    rows: usize,
+    failures: u32,
+    retry_in: Duration,
+) {
+    stats.failures.fetch_add(1, Ordering::Relaxed);
+    METRICS.store_errors.append.inc();
+    stats.failing.store(true, Ordering::Relaxed);
+    tracing::warn!(
+        %error,
+        rows,
+        attempt = failures,
+        ?retry_in,
+        "store append failed; retrying the same batch",
+    );
+}
+
+/// The wait after `backoff` for the next retry.
+pub(super) fn next_backoff(backoff: Duration, opts: &WriterOptions) -> Duration {
+    (backoff * 2).min(opts.retry_max)
+}
+
+/// Records a batch of `rows` updates that committed after `failures` failed attempts, `waited`
+/// after its first request left the queue, and tells each submitter, in order.
+pub(super) fn committed(
+    stats: &WriterStats,
+    rows: usize,
+    ids: Vec<i64>,
+    acks: Vec<Ack>,
+    failures: u32,
+    waited: Duration,
+) {
+    stats.failing.store(false, Ordering::Relaxed);
+    if failures > 0 {
+        tracing::info!(rows, failures, "store append succeeded after retrying");
+    }
+    if ids.len() != rows {
+        // A broken store; retrying could store the batch twice, so acknowledge what we can.
+        tracing::error!(
+            rows,
+            ids = ids.len(),
+            "store returned the wrong number of ids for an append",
+        );
+    }
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+    METRICS.store_group_size.observe(rows);
+    METRICS.store_commit_seconds.observe(waited);
+    for ((seq, listener), id) in acks.into_iter().zip(ids) {
+        listener.committed(seq, id);
+    }
+}
+
+/// Clamps options to what the writer needs: at least one update per batch and one queued, a
+/// first retry of at least 1 ms, and a cap no shorter than it.
+fn clamped(opts: WriterOptions) -> WriterOptions {
+    WriterOptions {
+        max_batch: opts.max_batch.max(1),
+        queue_capacity: opts.queue_capacity.max(1),
+        retry_initial: opts.retry_initial.max(Duration::from_millis(1)),
+        retry_max: opts.retry_max.max(opts.retry_initial),
+        ..opts
     }
 }
 
