@@ -116,7 +116,8 @@ struct Notices(Mailbox<Notice>);
 
 impl CommitListener for Notices {
     fn committed(&self, seq: u64, id: i64) {
-        self.0.send(Notice::Committed { seq, id });
+        // Wakes the room only while it waits on a commit (`Actor::settle_notices`).
+        self.0.post(Notice::Committed { seq, id });
     }
 }
 
@@ -232,6 +233,8 @@ impl Actor {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let shutdown = self.ctx.shutdown.clone();
         loop {
+            self.settle_notices();
+            self.flush_peers();
             tokio::select! {
                 cmd = self.inbox.recv() => {
                     // The hub holds a sender for as long as this actor is registered.
@@ -885,9 +888,23 @@ impl Actor {
         });
     }
 
+    /// Reads the commit notices posted since the last look. Later ones wake the room only
+    /// while a peer waits on a commit (an acknowledgement or an echo); otherwise they queue
+    /// quietly until the room's next turn, and a commit costs no wake-up of its own.
+    fn settle_notices(&mut self) {
+        self.notices.set_eager(true);
+        while let Some(notice) = self.notices.try_recv() {
+            self.on_notice(notice);
+        }
+        if self.ack_waiters.is_empty() {
+            self.notices.set_eager(false);
+        }
+    }
+
     /// Waits until every submitted update is committed (processing notices only), then folds
     /// the log if asked and it has a tail. Commands keep queueing in the inbox meanwhile.
     async fn flush(&mut self, fold: Fold) {
+        self.notices.set_eager(true);
         while !self.log.all_committed() || self.log.is_folding() {
             let notice = self.notices.recv().await;
             self.on_notice(notice);

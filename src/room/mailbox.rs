@@ -12,9 +12,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 
 struct Inner<T> {
-    queue: Mutex<VecDeque<T>>,
-    /// Woken on every send; holds one permit when nobody waits, so no send is missed.
+    queue: Mutex<Queue<T>>,
+    /// Woken on every send (and every post while eager); holds one permit when nobody waits, so
+    /// no such send is missed.
     ready: Notify,
+}
+
+struct Queue<T> {
+    items: VecDeque<T>,
+    /// Whether [`Mailbox::post`] wakes the receiver.
+    eager: bool,
 }
 
 /// Both ends: any clone sends, and the owner receives.
@@ -35,13 +42,16 @@ impl<T> Mailbox<T> {
     pub(super) fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
-                queue: Mutex::new(VecDeque::new()),
+                queue: Mutex::new(Queue {
+                    items: VecDeque::new(),
+                    eager: true,
+                }),
                 ready: Notify::new(),
             }),
         }
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<T>> {
+    fn queue(&self) -> MutexGuard<'_, Queue<T>> {
         // Nothing panics while holding the lock; recover the queue if something ever did.
         self.inner
             .queue
@@ -51,17 +61,39 @@ impl<T> Mailbox<T> {
 
     /// Queues `item` and wakes the receiver.
     pub(super) fn send(&self, item: T) {
-        self.queue().push_back(item);
+        self.queue().items.push_back(item);
         self.inner.ready.notify_one();
+    }
+
+    /// Queues `item`, waking the receiver only if it asked for that ([`set_eager`]); otherwise
+    /// the item waits for the receiver's next look at the queue.
+    ///
+    /// [`set_eager`]: Self::set_eager
+    pub(super) fn post(&self, item: T) {
+        let wake = {
+            let mut queue = self.queue();
+            queue.items.push_back(item);
+            queue.eager
+        };
+        if wake {
+            self.inner.ready.notify_one();
+        }
+    }
+
+    /// Whether later [`post`](Self::post)s wake the receiver (at first they do). Set it before
+    /// looking at the queue: what was posted quietly before is found by that look, and what is
+    /// posted after wakes the receiver.
+    pub(super) fn set_eager(&self, eager: bool) {
+        self.queue().eager = eager;
     }
 
     /// The next item, if one is queued.
     pub(super) fn try_recv(&self) -> Option<T> {
         let mut queue = self.queue();
-        let item = queue.pop_front();
-        if queue.is_empty() && queue.capacity() > 0 {
+        let item = queue.items.pop_front();
+        if queue.items.is_empty() && queue.items.capacity() > 0 {
             // An idle room keeps no buffer.
-            *queue = VecDeque::new();
+            queue.items = VecDeque::new();
         }
         item
     }
@@ -110,6 +142,28 @@ mod tests {
         });
         let got = tokio::time::timeout(Duration::from_secs(5), mailbox.recv()).await;
         assert_eq!(got.expect("woken"), "late");
+        task.await.expect("sender");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_post_waits_for_a_look_and_an_eager_one_wakes() {
+        let mailbox = Mailbox::new();
+        let sender = mailbox.clone();
+        mailbox.set_eager(false);
+        sender.post(1u8);
+        // Posted quietly: a waiting receiver is not woken...
+        let waited =
+            tokio::time::timeout(Duration::from_millis(20), mailbox.inner.ready.notified());
+        assert!(waited.await.is_err(), "a quiet post woke the receiver");
+        // ...but finds it at its next look.
+        assert_eq!(mailbox.try_recv(), Some(1));
+        mailbox.set_eager(true);
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            sender.post(2u8);
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), mailbox.recv()).await;
+        assert_eq!(got.expect("an eager post wakes"), 2);
         task.await.expect("sender");
     }
 
