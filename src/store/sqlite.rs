@@ -2,7 +2,8 @@
 //!
 //! Each connection lives on a thread of its own ([`SqliteThread`]) and runs whole operations
 //! there, synchronously: an append is one hand-off to the write connection's thread and one back,
-//! whatever it holds.
+//! whatever it holds. The group-commit writer runs on the write connection's thread itself
+//! ([`Store::host_writer`]), so the updates it commits need no hand-off at all.
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,6 +1,7 @@
-//! `StoreWriter`: group commit. Rooms submit updates to one task that appends them to the store in
+//! `StoreWriter`: group commit. Rooms submit updates to one loop that appends them to the store in
 //! batches, retries failed batches until they succeed, and tells each submitter when its update is
-//! durable.
+//! durable. The loop runs on the store's own thread when it has one (SQLite: [`Batcher`]), and as
+//! a task here otherwise (Postgres, memory).
 //!
 //! Batching: what queued up while the previous batch was committing is committed at once, as one
 //! batch (up to `max_batch`); a request that finds the writer idle waits up to `window` for
@@ -8,7 +9,7 @@
 //! acknowledgement by at most the window.
 //!
 //! Guarantees: every submitted update is appended, in submission order, and acknowledged exactly
-//! once, after its batch committed. Nothing is dropped: a failing store makes the task retry the
+//! once, after its batch committed. Nothing is dropped: a failing store makes the loop retry the
 //! same batch with backoff while the queue fills up and [`StoreWriter::submit`] starts waiting.
 //! If a store reports a failure for a commit that in fact happened (a connection lost during
 //! `COMMIT`), the retry stores those updates twice; Yjs updates are idempotent, so loading such a
@@ -32,8 +33,9 @@ use crate::metrics::METRICS;
 pub trait CommitListener: Send + Sync + 'static {
     /// `seq` is the number the submitter gave the update; `id` is its log id in the store.
     ///
-    /// Called from the writer task, in submission order: it must return quickly and never block
-    /// (hand the news to the owner with a `try_send` or an atomic, for example).
+    /// Called from the writer's loop (a task, or the store's thread), in submission order: it
+    /// must return quickly and never block (hand the news to the owner with a `try_send` or an
+    /// atomic, for example).
     fn committed(&self, seq: u64, id: i64);
 }
 
@@ -84,7 +86,7 @@ impl Default for WriterOptions {
     }
 }
 
-/// Counters of the writer's work, for metrics. Updated by the writer task.
+/// Counters of the writer's work, for metrics. Updated by the writer's loop.
 #[derive(Debug, Default)]
 pub struct WriterStats {
     batches: AtomicU64,
@@ -116,19 +118,20 @@ impl WriterStats {
     }
 }
 
-/// The writer task is gone (it panicked or its runtime shut down); the request was not queued.
+/// The writer's loop is gone (it panicked, or its runtime or thread ended); the request was not
+/// queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the store writer has stopped")]
 pub struct WriterClosed;
 
-/// A handle to the group-commit writer task. Cheap to clone; the task commits what is queued and
-/// ends when the last clone is dropped.
+/// A handle to the group-commit writer. Cheap to clone; the loop commits what is queued and ends
+/// when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct StoreWriter {
-    /// The queue into the task. Bounded: a full queue makes `submit` wait, which is the
+    /// The queue into the loop. Bounded: a full queue makes `submit` wait, which is the
     /// backpressure. Dropping every clone closes it, which is how shutdown flushes.
     tx: mpsc::Sender<WriteRequest>,
-    /// Shared with the task, which updates it.
+    /// Shared with the loop, which updates it.
     stats: Arc<WriterStats>,
     /// The store's thread when the loop runs there: it sleeps until a submitter unparks it.
     wake: Option<std::thread::Thread>,
