@@ -555,6 +555,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_writers_loop_ends_once_every_handle_is_dropped() {
+        let (store, _dir) = sqlite_store().await;
+        let opts = WriterOptions {
+            window: Duration::ZERO,
+            ..WriterOptions::default()
+        };
+        let (writer, task) = StoreWriter::spawn(store.clone(), opts);
+        let (acked, mut acks) = tokio::sync::mpsc::unbounded_channel();
+        writer
+            .submit(WriteRequest {
+                append: append("a", b"one"),
+                seq: 7,
+                listener: Arc::new(Acks(acked)),
+            })
+            .await
+            .expect("queued");
+        let ack = tokio::time::timeout(Duration::from_secs(5), acks.recv()).await;
+        assert_eq!(ack.expect("acknowledged"), Some((7, 1)));
+        // The loop sleeps with nothing to do: dropping the last handle must wake it to end.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(writer);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop ended")
+            .expect("the task ended cleanly");
+        assert_eq!(store.load(&room("a")).await.expect("load").updates.len(), 1);
+    }
+
+    #[tokio::test]
     async fn everything_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("nested/dirs/tandem.db");

@@ -25,7 +25,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::batcher::Batcher;
+use super::batcher::{Batcher, Idle};
 use super::{Append, DynStore, StoreError};
 use crate::metrics::METRICS;
 
@@ -133,8 +133,20 @@ pub struct StoreWriter {
     tx: mpsc::Sender<WriteRequest>,
     /// Shared with the loop, which updates it.
     stats: Arc<WriterStats>,
-    /// The store's thread when the loop runs there: it sleeps until a submitter unparks it.
-    wake: Option<std::thread::Thread>,
+    /// The store's thread when the loop runs there. After `tx`: the last handle closes the
+    /// queue first, then wakes the thread to see that.
+    wake: Option<Arc<Wake>>,
+}
+
+/// How a submitter wakes the thread that runs the loop; dropped with the last handle, it wakes
+/// the thread a last time, to find the queue closed and end the loop.
+#[derive(Debug)]
+struct Wake {
+    thread: std::thread::Thread,
+    /// Up while the thread sleeps with nothing to do.
+    idle: Arc<Idle>,
+    /// A queue this long is a full batch: worth waking the thread for before its window ends.
+    full: usize,
 }
 
 impl StoreWriter {
@@ -146,14 +158,20 @@ impl StoreWriter {
         let opts = clamped(opts);
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
         let stats = Arc::new(WriterStats::default());
+        let full = opts.max_batch;
         let batcher = Box::new(Batcher::new(rx, opts, stats.clone()));
+        let idle = batcher.idle();
         match store.host_writer(batcher) {
             Ok(hosted) => {
                 let handle = tokio::spawn(async move {
                     // Sent when the loop ends; dropped unsent if the thread dies first.
                     let _ = hosted.done.await;
                 });
-                let wake = Some(hosted.thread);
+                let wake = Some(Arc::new(Wake {
+                    thread: hosted.thread,
+                    idle,
+                    full,
+                }));
                 (StoreWriter { tx, stats, wake }, handle)
             }
             Err(batcher) => {
@@ -192,10 +210,13 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Wakes the thread that runs the loop, if a thread does (a task is woken by the queue).
+    /// Wakes the thread that runs the loop, if a thread does and it sleeps with nothing to do
+    /// or a full batch waits (a task is woken by the queue).
     fn wake(&self) {
-        if let Some(thread) = &self.wake {
-            thread.unpark();
+        if let Some(wake) = &self.wake {
+            if wake.idle.needs_wake() || self.queued() >= wake.full {
+                wake.thread.unpark();
+            }
         }
     }
 
@@ -213,6 +234,12 @@ impl StoreWriter {
     /// unstored updates is reached. Rooms then refuse new writes instead of losing them.
     pub fn is_full(&self) -> bool {
         self.tx.capacity() == 0
+    }
+}
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.thread.unpark();
     }
 }
 
