@@ -319,6 +319,18 @@ mod tests {
         thread
     }
 
+    /// Every `x` of the table `t`, in insertion order.
+    async fn column(thread: &SqliteThread) -> Vec<i64> {
+        thread
+            .run(|conn| {
+                let mut select = conn.prepare("SELECT x FROM t ORDER BY rowid")?;
+                let xs = select.query_map([], |row| row.get(0))?;
+                Ok(xs.collect::<Result<_, _>>()?)
+            })
+            .await
+            .expect("select")
+    }
+
     #[tokio::test]
     async fn jobs_run_in_order_on_one_connection() {
         let thread = memory_with_table().await;
@@ -328,14 +340,7 @@ mod tests {
                 .await
                 .expect("insert");
         }
-        let xs: Vec<i64> = thread
-            .run(|conn| {
-                let mut select = conn.prepare("SELECT x FROM t ORDER BY rowid")?;
-                let xs = select.query_map([], |row| row.get(0))?;
-                Ok(xs.collect::<Result<_, _>>()?)
-            })
-            .await
-            .expect("select");
+        let xs = column(&thread).await;
         assert_eq!(xs, (0..10).collect::<Vec<_>>());
     }
 
@@ -436,14 +441,7 @@ mod tests {
             stats.failures() >= 1,
             "the panic counted as a failed append"
         );
-        let rows: Vec<i64> = thread
-            .run(|conn| {
-                let mut select = conn.prepare("SELECT x FROM t ORDER BY rowid")?;
-                let xs = select.query_map([], |row| row.get(0))?;
-                Ok(xs.collect::<Result<_, _>>()?)
-            })
-            .await
-            .expect("select");
+        let rows = column(&thread).await;
         assert_eq!(
             rows,
             [1, 2, 3],
