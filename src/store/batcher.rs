@@ -246,29 +246,12 @@ impl Batcher {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use bytes::Bytes;
 
     use super::*;
     use crate::ids::RoomId;
+    use crate::store::writer::testing::{drain, listener};
     use crate::store::writer::CommitListener;
-
-    /// Records every acknowledgement.
-    #[derive(Default)]
-    struct Acks(Mutex<Vec<(u64, i64)>>);
-
-    impl CommitListener for Acks {
-        fn committed(&self, seq: u64, id: i64) {
-            self.0.lock().expect("acks").push((seq, id));
-        }
-    }
-
-    impl Acks {
-        fn seen(&self) -> Vec<(u64, i64)> {
-            self.0.lock().expect("acks").clone()
-        }
-    }
 
     fn opts(window: Duration, max_batch: usize) -> WriterOptions {
         WriterOptions {
@@ -285,8 +268,8 @@ mod tests {
         (tx, Batcher::new(rx, opts, Arc::new(WriterStats::default())))
     }
 
-    fn submit(tx: &mpsc::Sender<WriteRequest>, acks: &Arc<Acks>, seq: u64) {
-        let listener: Arc<dyn CommitListener> = acks.clone();
+    fn submit(tx: &mpsc::Sender<WriteRequest>, listener: &Arc<dyn CommitListener>, seq: u64) {
+        let listener = listener.clone();
         tx.try_send(WriteRequest {
             append: Append {
                 room: RoomId::new("r").expect("room"),
@@ -329,7 +312,7 @@ mod tests {
     fn a_lone_request_waits_for_the_window_and_takes_company_along() {
         let window = Duration::from_millis(5);
         let (tx, mut b) = batcher(opts(window, 16));
-        let acks = Arc::new(Acks::default());
+        let (acks, mut acked) = listener();
         let mut log = Log::default();
         let t0 = Instant::now();
         let idle = b.idle();
@@ -352,13 +335,13 @@ mod tests {
             Turn::Until(t0 + window)
         );
         assert!(
-            log.batches.is_empty() && acks.seen().is_empty(),
+            log.batches.is_empty() && drain(&mut acked).is_empty(),
             "nothing before the window"
         );
         let late = t0 + window;
         assert_eq!(b.turn(late, &mut |a| log.append(a)), Turn::Until(late));
         assert_eq!(log.batches, vec![2], "both in one commit");
-        assert_eq!(acks.seen(), vec![(1, 1), (2, 2)]);
+        assert_eq!(drain(&mut acked), vec![(1, 1), (2, 2)]);
         assert_eq!(b.turn(late, &mut |a| log.append(a)), Turn::Idle);
         drop(tx);
         assert_eq!(b.turn(late, &mut |a| log.append(a)), Turn::Done);
@@ -367,7 +350,7 @@ mod tests {
     #[test]
     fn a_backlog_and_a_full_batch_go_at_once_in_bounded_batches() {
         let (tx, mut b) = batcher(opts(Duration::from_secs(60), 3));
-        let acks = Arc::new(Acks::default());
+        let (acks, mut acked) = listener();
         let mut log = Log::default();
         for seq in 1..=7 {
             submit(&tx, &acks, seq);
@@ -384,7 +367,7 @@ mod tests {
             "closing commits the rest at once"
         );
         assert_eq!(b.turn(t0, &mut |a| log.append(a)), Turn::Done);
-        let seen = acks.seen();
+        let seen = drain(&mut acked);
         assert_eq!(seen, (1..=7).map(|s| (s, s as i64)).collect::<Vec<_>>());
     }
 
@@ -393,7 +376,7 @@ mod tests {
         let o = opts(Duration::ZERO, 16);
         let (tx, mut b) = batcher(o.clone());
         let stats = b.stats.clone();
-        let acks = Arc::new(Acks::default());
+        let (acks, mut acked) = listener();
         let mut log = Log {
             failing: 3,
             ..Log::default()
@@ -427,7 +410,7 @@ mod tests {
             "the failed batch alone, then the next"
         );
         assert_eq!(log.rows, vec![Bytes::from("1"), Bytes::from("2")]);
-        assert_eq!(acks.seen(), vec![(1, 1), (2, 2)]);
+        assert_eq!(drain(&mut acked), vec![(1, 1), (2, 2)]);
         assert_eq!(stats.failures(), 3);
         assert!(!stats.is_failing());
         assert_eq!((stats.batches(), stats.rows()), (2, 2));

@@ -461,7 +461,8 @@ mod tests {
     use crate::doc::YrsFold;
     use crate::ids::RoomId;
     use crate::store::suite::{assert_holds_exactly, keyed_update};
-    use crate::store::writer::{CommitListener, StoreWriter, WriteRequest, WriterOptions};
+    use crate::store::writer::testing::listener;
+    use crate::store::writer::{StoreWriter, WriteRequest, WriterOptions};
     use crate::store::{Append, DynStore, Store, StoreError};
 
     /// A store in a new file, as its own type (for the tests that reach its threads).
@@ -496,15 +497,6 @@ mod tests {
         }
     }
 
-    /// Hands every acknowledgement to the test.
-    struct Acks(tokio::sync::mpsc::UnboundedSender<(u64, i64)>);
-
-    impl CommitListener for Acks {
-        fn committed(&self, seq: u64, id: i64) {
-            let _ = self.0.send((seq, id));
-        }
-    }
-
     #[tokio::test]
     async fn the_writer_runs_on_the_stores_thread_and_closing_commits_what_it_holds() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -516,8 +508,7 @@ mod tests {
             ..WriterOptions::default()
         };
         let (writer, _task) = StoreWriter::spawn(store.clone(), opts);
-        let (acked, mut acks) = tokio::sync::mpsc::unbounded_channel();
-        let listener: Arc<dyn CommitListener> = Arc::new(Acks(acked));
+        let (listener, mut acks) = listener();
         let submit = |seq: u64, data: &'static [u8]| {
             writer.try_submit(WriteRequest {
                 append: append("a", data),
@@ -562,12 +553,12 @@ mod tests {
             ..WriterOptions::default()
         };
         let (writer, task) = StoreWriter::spawn(store.clone(), opts);
-        let (acked, mut acks) = tokio::sync::mpsc::unbounded_channel();
+        let (listener, mut acks) = listener();
         writer
             .submit(WriteRequest {
                 append: append("a", b"one"),
                 seq: 7,
-                listener: Arc::new(Acks(acked)),
+                listener,
             })
             .await
             .expect("queued");

@@ -301,7 +301,8 @@ mod tests {
 
     use super::*;
     use crate::ids::RoomId;
-    use crate::store::writer::{CommitListener, WriteRequest, WriterOptions, WriterStats};
+    use crate::store::writer::testing::listener;
+    use crate::store::writer::{WriteRequest, WriterOptions, WriterStats};
 
     async fn memory() -> SqliteThread {
         SqliteThread::start("test-sqlite", || Ok(Connection::open_in_memory()?))
@@ -375,15 +376,6 @@ mod tests {
         assert_eq!(rows, 0, "the panicking job's insert was rolled back");
     }
 
-    /// Hands every acknowledgement to the test.
-    struct Acks(mpsc::UnboundedSender<(u64, i64)>);
-
-    impl CommitListener for Acks {
-        fn committed(&self, seq: u64, id: i64) {
-            let _ = self.0.send((seq, id));
-        }
-    }
-
     #[tokio::test]
     async fn a_hosted_writer_commits_between_jobs_and_outlives_a_panicking_append() {
         let thread = memory_with_table().await;
@@ -410,8 +402,7 @@ mod tests {
             Ok(ids)
         });
         let hosted = thread.host(batcher, append).expect("the thread takes it");
-        let (acked, mut acks) = mpsc::unbounded_channel();
-        let listener: Arc<dyn CommitListener> = Arc::new(Acks(acked));
+        let (listener, mut acks) = listener();
         for seq in 1..=3u64 {
             tx.send(WriteRequest {
                 append: Append {

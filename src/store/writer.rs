@@ -386,21 +386,14 @@ fn clamped(opts: WriterOptions) -> WriterOptions {
     }
 }
 
+/// A listener for tests.
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
-    use std::sync::Mutex;
+pub(crate) mod testing {
+    use std::sync::Arc;
 
-    use async_trait::async_trait;
-    use bytes::Bytes;
+    use tokio::sync::mpsc;
 
-    use super::*;
-    use crate::ids::RoomId;
-    use crate::store::memory::MemoryStore;
-    use crate::store::{Compacted, Fold, Store, StoreError, StoredRoom};
-
-    /// The granularity of tokio's timer: sleeps end on the next tick after their deadline.
-    const TICK: Duration = Duration::from_millis(1);
+    use super::CommitListener;
 
     /// Forwards every acknowledgement into a channel the test reads.
     struct ChannelListener(mpsc::UnboundedSender<(u64, i64)>);
@@ -411,10 +404,34 @@ mod tests {
         }
     }
 
-    fn listener() -> (Arc<dyn CommitListener>, mpsc::UnboundedReceiver<(u64, i64)>) {
+    /// A listener, and the `(seq, id)` of every acknowledgement it is given, in order.
+    pub(crate) fn listener() -> (Arc<dyn CommitListener>, mpsc::UnboundedReceiver<(u64, i64)>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Arc::new(ChannelListener(tx)), rx)
     }
+
+    /// The acknowledgements received so far and not yet taken.
+    pub(crate) fn drain(rx: &mut mpsc::UnboundedReceiver<(u64, i64)>) -> Vec<(u64, i64)> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use super::testing::{drain, listener};
+    use super::*;
+    use crate::ids::RoomId;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Compacted, Fold, Store, StoreError, StoredRoom};
+
+    /// The granularity of tokio's timer: sleeps end on the next tick after their deadline.
+    const TICK: Duration = Duration::from_millis(1);
 
     fn request(room: &str, seq: u64, listener: &Arc<dyn CommitListener>) -> WriteRequest {
         WriteRequest {
@@ -426,10 +443,6 @@ mod tests {
             seq,
             listener: listener.clone(),
         }
-    }
-
-    fn drain(rx: &mut mpsc::UnboundedReceiver<(u64, i64)>) -> Vec<(u64, i64)> {
-        std::iter::from_fn(|| rx.try_recv().ok()).collect()
     }
 
     /// Test double for fault injection: a [`MemoryStore`] whose appends fail while told to, and
