@@ -22,8 +22,9 @@ use super::{Append, StoreError};
 
 /// Jobs queued for the thread before a sender waits for room (the queue's overflow policy). Every
 /// caller awaits its job's answer before sending another, so the queue never holds more than one
-/// job per concurrent caller: the group-commit writer, a compaction per room, a load per room
-/// being opened.
+/// job per concurrent caller: the group-commit writer when it runs as a task, a compaction per
+/// room, a load per room being opened. A writer hosted here sends one job, once, and then its
+/// updates come through its own queue.
 const QUEUE: usize = 64;
 
 /// Appends a batch on the connection: what a hosted [`Batcher`] commits with.
