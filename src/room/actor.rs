@@ -94,6 +94,7 @@ pub(crate) fn spawn(
                 log: LogState::default(),
                 next_seq: 0,
                 inflight: VecDeque::new(),
+                unnudged: false,
                 empty_since: Some(Instant::now()),
                 approx_bytes: 0,
                 on_exit: Some(on_exit),
@@ -162,6 +163,8 @@ struct Actor {
     next_seq: u64,
     /// `(seq, len)` of updates submitted and not yet committed, oldest first.
     inflight: VecDeque<(u64, usize)>,
+    /// Updates were queued for the store this turn: the writer is nudged once, at its end.
+    unnudged: bool,
     /// When the last peer left; `None` while anyone is here.
     empty_since: Option<Instant>,
     /// An upper bound of the document's encoded size: exact after a measure, then grown by
@@ -235,6 +238,7 @@ impl Actor {
         loop {
             self.settle_notices();
             self.flush_peers();
+            self.nudge_writer();
             tokio::select! {
                 cmd = self.inbox.recv() => {
                     // The hub holds a sender for as long as this actor is registered.
@@ -563,7 +567,10 @@ impl Actor {
             listener: self.listener.clone(),
         };
         let req = match self.ctx.writer.try_submit(req) {
-            Ok(()) => return,
+            Ok(()) => {
+                self.unnudged = true;
+                return;
+            }
             Err(Full(req)) => req,
             Err(Closed(_)) => {
                 warn!("store writer is gone; update kept in memory only");
@@ -901,9 +908,17 @@ impl Actor {
         }
     }
 
+    /// Has the store writer take what this turn queued: the turn's updates are one group.
+    fn nudge_writer(&mut self) {
+        if std::mem::take(&mut self.unnudged) {
+            self.ctx.writer.nudge();
+        }
+    }
+
     /// Waits until every submitted update is committed (processing notices only), then folds
     /// the log if asked and it has a tail. Commands keep queueing in the inbox meanwhile.
     async fn flush(&mut self, fold: Fold) {
+        self.nudge_writer();
         self.notices.set_eager(true);
         while !self.log.all_committed() || self.log.is_folding() {
             let notice = self.notices.recv().await;

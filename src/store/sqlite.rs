@@ -518,11 +518,13 @@ mod tests {
         };
         submit(1, b"one").expect("queued");
         submit(2, b"two").expect("queued");
+        writer.nudge();
         // Two requests queued together are a group: committed at once, window or not.
         let first = tokio::time::timeout(Duration::from_secs(5), acks.recv()).await;
         assert_eq!(first.expect("acknowledged"), Some((1, 1)));
         assert_eq!(acks.recv().await, Some((2, 2)));
         submit(3, b"three").expect("queued");
+        writer.nudge();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             acks.try_recv().is_err(),
@@ -543,6 +545,34 @@ mod tests {
                 (3, Bytes::from_static(b"three")),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_burst_queued_before_the_nudge_is_one_commit_even_without_a_window() {
+        let (store, _dir) = sqlite_store().await;
+        let opts = WriterOptions {
+            window: Duration::ZERO,
+            ..WriterOptions::default()
+        };
+        let (writer, _task) = StoreWriter::spawn(store.clone(), opts);
+        let (listener, mut acks) = listener();
+        // Let the loop go to sleep with nothing to do.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for (seq, data) in [(1, b"one"), (2, b"two"), (3, b"six")] {
+            writer
+                .try_submit(WriteRequest {
+                    append: append("a", data),
+                    seq,
+                    listener: listener.clone(),
+                })
+                .expect("queued");
+        }
+        writer.nudge();
+        for seq in 1..=3 {
+            let ack = tokio::time::timeout(Duration::from_secs(5), acks.recv()).await;
+            assert_eq!(ack.expect("acknowledged"), Some((seq, seq as i64)));
+        }
+        assert_eq!(writer.stats().batches(), 1, "the burst was one group");
     }
 
     #[tokio::test]

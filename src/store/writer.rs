@@ -204,14 +204,32 @@ impl StoreWriter {
     }
 
     /// Queues `req` if the queue has room, without waiting; gives it back if not.
+    ///
+    /// A thread that runs the loop is woken for it only once a full batch waits: call
+    /// [`nudge`](Self::nudge) when the burst being queued is complete. So a room's turn of
+    /// several updates is seen, and committed, as one group, as a task sees it.
     pub fn try_submit(&self, req: WriteRequest) -> Result<(), TrySendError<WriteRequest>> {
         self.tx.try_send(req)?;
-        self.wake();
+        if let Some(wake) = &self.wake {
+            if self.queued() >= wake.full {
+                wake.thread.unpark();
+            }
+        }
         Ok(())
     }
 
+    /// Wakes the thread that runs the loop, if a thread does and it sleeps with nothing to do,
+    /// to take what [`try_submit`](Self::try_submit) queued. (A task is woken by the queue.)
+    pub fn nudge(&self) {
+        if let Some(wake) = &self.wake {
+            if wake.idle.needs_wake() {
+                wake.thread.unpark();
+            }
+        }
+    }
+
     /// Wakes the thread that runs the loop, if a thread does and it sleeps with nothing to do
-    /// or a full batch waits (a task is woken by the queue).
+    /// or a full batch waits.
     fn wake(&self) {
         if let Some(wake) = &self.wake {
             if wake.idle.needs_wake() || self.queued() >= wake.full {
