@@ -547,14 +547,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_burst_queued_before_the_nudge_is_one_commit_even_without_a_window() {
-        let (store, _dir) = sqlite_store().await;
+    /// A writer for `store` that commits as soon as it takes something.
+    fn writer_without_window(store: &DynStore) -> (StoreWriter, tokio::task::JoinHandle<()>) {
         let opts = WriterOptions {
             window: Duration::ZERO,
             ..WriterOptions::default()
         };
-        let (writer, _task) = StoreWriter::spawn(store.clone(), opts);
+        StoreWriter::spawn(store.clone(), opts)
+    }
+
+    #[tokio::test]
+    async fn a_burst_queued_before_the_nudge_is_one_commit_even_without_a_window() {
+        let (store, _dir) = sqlite_store().await;
+        let (writer, _task) = writer_without_window(&store);
         let (listener, mut acks) = listener();
         // Let the loop go to sleep with nothing to do.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -578,11 +583,7 @@ mod tests {
     #[tokio::test]
     async fn the_writers_loop_ends_once_every_handle_is_dropped() {
         let (store, _dir) = sqlite_store().await;
-        let opts = WriterOptions {
-            window: Duration::ZERO,
-            ..WriterOptions::default()
-        };
-        let (writer, task) = StoreWriter::spawn(store.clone(), opts);
+        let (writer, task) = writer_without_window(&store);
         let (listener, mut acks) = listener();
         writer
             .submit(WriteRequest {
