@@ -236,6 +236,8 @@ impl Actor {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let shutdown = self.ctx.shutdown.clone();
         loop {
+            // Between turns: read what committed, write what the turn (and the commits) queued
+            // for the peers, and hand the turn's updates to the store writer as one group.
             self.settle_notices();
             self.flush_peers();
             self.nudge_writer();
@@ -267,15 +269,9 @@ impl Actor {
                             Err(_) => break,
                         }
                     }
-                    self.flush_peers();
                 }
-                notice = self.notices.recv() => {
-                    self.on_notice(notice);
-                    while let Some(notice) = self.notices.try_recv() {
-                        self.on_notice(notice);
-                    }
-                    self.flush_peers();
-                }
+                // The rest queued after it is read between turns, above.
+                notice = self.notices.recv() => self.on_notice(notice),
                 _ = tick.tick() => {
                     self.sweep();
                     self.flush_peers();

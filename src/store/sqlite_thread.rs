@@ -35,13 +35,8 @@ pub(crate) type AppendOn =
 enum Job {
     /// Run this on the connection.
     Run(Box<dyn FnOnce(&mut Connection) + Send>),
-    /// Turn this group-commit loop between jobs, appending with `append`; say `done` when it
-    /// is over.
-    Host {
-        batcher: Box<Batcher>,
-        append: AppendOn,
-        done: oneshot::Sender<()>,
-    },
+    /// Turn this group-commit loop between jobs.
+    Host(Hosted),
     /// Close the connection, answer, and refuse everything after.
     Close(oneshot::Sender<()>),
 }
@@ -54,7 +49,8 @@ pub(crate) struct SqliteThread {
     thread: Thread,
 }
 
-/// A group-commit loop the thread turns, with what it appends with.
+/// A group-commit loop the thread turns, with what it appends with and whom to tell when the
+/// loop is over.
 struct Hosted {
     batcher: Box<Batcher>,
     append: AppendOn,
@@ -96,11 +92,11 @@ impl SqliteThread {
         append: AppendOn,
     ) -> Result<HostedWriter, Box<Batcher>> {
         let (done, finished) = oneshot::channel();
-        let job = Job::Host {
+        let job = Job::Host(Hosted {
             batcher,
             append,
             done,
-        };
+        });
         match self.jobs.try_send(job) {
             Ok(()) => {
                 self.thread.unpark();
@@ -109,8 +105,8 @@ impl SqliteThread {
                     done: finished,
                 })
             }
-            Err(TrySendError::Full(Job::Host { batcher, .. }))
-            | Err(TrySendError::Closed(Job::Host { batcher, .. })) => Err(batcher),
+            Err(TrySendError::Full(Job::Host(hosted)))
+            | Err(TrySendError::Closed(Job::Host(hosted))) => Err(hosted.batcher),
             Err(_) => unreachable!("the job sent is a Host"),
         }
     }
@@ -187,17 +183,7 @@ fn serve(
         let disconnected = loop {
             match queue.try_recv() {
                 Ok(Job::Run(job)) => run(&mut conn, job),
-                Ok(Job::Host {
-                    batcher,
-                    append,
-                    done,
-                }) => {
-                    hosted = Some(Hosted {
-                        batcher,
-                        append,
-                        done,
-                    });
-                }
+                Ok(Job::Host(h)) => hosted = Some(h),
                 Ok(Job::Close(closed)) => {
                     queue.close();
                     if let Some(hosted) = hosted.take() {
