@@ -643,6 +643,11 @@ impl Actor {
             && self.peers.len() <= DIRECT_FLUSHES
             && frame.len() <= FRAGMENT_BYTES)
             .then(|| Bytes::from(binary_frame(frame)));
+        // The peers and their outboxes are cold by now. Touched in a loop of their own, their
+        // misses overlap, where behind each send they would follow one another.
+        for peer in self.peers.values() {
+            peer.outbox.prefetch();
+        }
         for (&id, peer) in &self.peers {
             if Some(id) == skip {
                 continue;

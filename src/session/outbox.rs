@@ -234,6 +234,30 @@ pub fn outbox(budget: usize, batch: usize, writer: WsWriter) -> (Outbox, OutboxR
 }
 
 impl Outbox {
+    /// Asks the CPU to start loading the state [`Outbox::offer`] and [`Outbox::queue`] read,
+    /// without waiting for it. A broadcast calls it for every peer before it writes to the first: a
+    /// room's peers' outboxes are cold by its next update (the sends in between, its own and
+    /// other rooms', evict them), and fetched one by one, each behind a `send`, every first
+    /// touch was a miss that nothing overlapped (docs/benchmarks.md, session 19). Does nothing
+    /// on architectures without a prefetch instruction here.
+    #[inline]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            const LINE: usize = 64;
+            let base = Arc::as_ptr(&self.shared).cast::<i8>();
+            let size = std::mem::size_of::<Shared>();
+            // Every line from the first byte to the last, wherever the allocation starts.
+            let offsets = (0..size).step_by(LINE).chain(std::iter::once(size - 1));
+            for offset in offsets {
+                // SAFETY: a prefetch reads and writes nothing the program sees and never
+                // faults, whatever the address; this one is inside a live allocation anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset)) };
+            }
+        }
+    }
+
     /// Queues a frame and writes what the socket takes at once; the connection's task is woken
     /// only for what is left. On overflow the connection is closed with 1013.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
