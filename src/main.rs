@@ -79,9 +79,10 @@ struct Args {
     compact_bytes: usize,
 
     /// How long the store writer keeps collecting updates for one commit after the first
-    /// arrives, when it is idle (while a commit runs, the next one collects anyway). Longer
-    /// windows put more updates in each commit and its sync, for less CPU and I/O per update,
-    /// and delay acknowledgements by up to the window. At most 1 s.
+    /// arrives, when it is idle and updates come closer together than this (while a commit
+    /// runs, the next one collects anyway; an update after a quieter spell is committed at
+    /// once). Longer windows put more updates in each commit and its sync, for less CPU and I/O
+    /// per update, and delay acknowledgements by up to the window. At most 1 s.
     #[arg(long, env = "TANDEM_COMMIT_WINDOW", default_value = "2ms", value_parser = humantime::parse_duration)]
     commit_window: Duration,
 

@@ -1,6 +1,6 @@
-//! `--commit-window` reaches the store writer: edits made within the window are stored in one
-//! commit, and acknowledged only once the window has passed; a window over the limit is refused
-//! when the server starts.
+//! `--commit-window` reaches the store writer: an edit after a quiet spell is stored at once, the
+//! edits that follow it within the window are stored in one commit, acknowledged only once the
+//! window has passed; a window over the limit is refused when the server starts.
 
 mod common;
 #[path = "common/procs.rs"]
@@ -25,7 +25,7 @@ fn series(exposition: &str, name: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn edits_within_the_window_share_one_commit() {
+async fn a_lone_edit_goes_at_once_and_edits_within_the_window_share_one_commit() {
     const EDITS: usize = 5;
     let window = Duration::from_secs(1);
     let node = TandemProcess::start(
@@ -46,6 +46,18 @@ async fn edits_within_the_window_share_one_commit() {
     let (_, before) = http_get(node.addr(), "/metrics").await;
     let groups_before = series(&before, "tandem_store_group_size_count");
 
+    // Quiet for longer than the window: the next edit finds no company coming.
+    sleep(window + Duration::from_millis(100)).await;
+    let alone = Instant::now();
+    append_text(client.doc(), "t", "[alone]");
+    client.wait_stored(WAIT).await.expect("stored");
+    assert!(
+        alone.elapsed() < window / 2,
+        "an edit after a quiet spell waited {:?} for company",
+        alone.elapsed()
+    );
+
+    // Edits right after it: traffic is dense, so the writer waits out its window for company.
     let first = Instant::now();
     for i in 0..EDITS {
         append_text(client.doc(), "t", &format!("[{i}]"));
@@ -55,7 +67,6 @@ async fn edits_within_the_window_share_one_commit() {
         .await
         .expect("acknowledged in time")
         .expect("stored");
-    // The writer waited out its window for company before committing.
     assert!(
         first.elapsed() >= window - Duration::from_millis(100),
         "acknowledged after {:?}, within a window of {window:?}",
@@ -65,8 +76,8 @@ async fn edits_within_the_window_share_one_commit() {
     let groups = series(&after, "tandem_store_group_size_count") - groups_before;
     assert_eq!(
         groups,
-        1.0,
-        "{EDITS} edits 10 ms apart, one commit:\n{}",
+        2.0,
+        "one edit alone, then {EDITS} edits 10 ms apart in one commit:\n{}",
         node.logs(30)
     );
 }

@@ -8,7 +8,8 @@
 //! session 18).
 //!
 //! It batches, retries and acknowledges exactly as the writer task does: a request that finds
-//! the loop idle waits up to the window for company, a backlog is committed at once, a failed
+//! the loop idle while traffic is dense waits up to the window for company, a backlog or a lone
+//! update after a quiet spell is committed at once, a failed
 //! batch is retried with backoff while new requests wait in the queue, and every request is
 //! acknowledged once, in order, after its batch committed. The thread calls [`Batcher::turn`]
 //! whenever it is woken and sleeps for as long as the answer says.
@@ -21,7 +22,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::{
-    committed, failed, next_backoff, Ack, WriteRequest, WriterOptions, WriterStats,
+    committed, failed, next_backoff, waits_for_company, Ack, WriteRequest, WriterOptions,
+    WriterStats,
 };
 use super::{Append, StoreError};
 use crate::metrics::METRICS;
@@ -77,6 +79,8 @@ pub struct Batcher {
     acks: Vec<Ack>,
     /// When the batch's first request left the queue.
     taken: Instant,
+    /// When the latest request left the queue.
+    last: Option<Instant>,
     /// When the batch is committed even if it is not full.
     deadline: Instant,
     /// Failed attempts at the current batch, the wait before the next one and when it is due.
@@ -113,6 +117,7 @@ impl Batcher {
             stats,
             idle: Arc::default(),
             taken: now,
+            last: None,
             deadline: now,
             failures: 0,
             retry_at: None,
@@ -149,12 +154,17 @@ impl Batcher {
                 }
                 self.taken = now;
                 // Requests that queued up while the previous batch was committing are a group
-                // already: they go at once. Only one that found the loop idle waits for company.
-                self.deadline = if taken > 1 {
-                    now
-                } else {
+                // already: they go at once. Only one that found the loop idle waits for company,
+                // and only while traffic is dense.
+                let since = self.last.map(|at| now.saturating_duration_since(at));
+                self.deadline = if taken == 1 && waits_for_company(since, self.opts.window) {
                     now + self.opts.window
+                } else {
+                    now
                 };
+            }
+            if taken > 0 {
+                self.last = Some(now);
             }
             if self.appends.len() < self.opts.max_batch && !self.closed && now < self.deadline {
                 return Turn::Until(self.deadline);
@@ -309,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_request_waits_for_the_window_and_takes_company_along() {
+    fn a_request_after_a_quiet_spell_goes_at_once_and_one_soon_after_waits_for_company() {
         let window = Duration::from_millis(5);
         let (tx, mut b) = batcher(opts(window, 16));
         let (acks, mut acked) = listener();
@@ -322,29 +332,45 @@ mod tests {
             idle.needs_wake(),
             "asleep with nothing to do: a submit wakes it"
         );
+        // The first request: nothing came within a window before it, so nothing waits.
         submit(&tx, &acks, 1);
-        assert_eq!(b.turn(t0, &mut |a| log.append(a)), Turn::Until(t0 + window));
+        assert_eq!(b.turn(t0, &mut |a| log.append(a)), Turn::Until(t0));
+        assert_eq!(log.batches, vec![1], "committed in the turn that took it");
+        assert_eq!(drain(&mut acked), vec![(1, 1)]);
+        assert_eq!(b.turn(t0, &mut |a| log.append(a)), Turn::Idle);
+
+        // The next, within a window of the first: traffic is dense, so it waits for company.
+        let t1 = t0 + window / 2;
+        submit(&tx, &acks, 2);
+        assert_eq!(b.turn(t1, &mut |a| log.append(a)), Turn::Until(t1 + window));
         assert!(
             !idle.needs_wake(),
             "collecting: it wakes by itself when the window closes"
         );
-        submit(&tx, &acks, 2);
-        let early = t0 + window / 2;
+        submit(&tx, &acks, 3);
+        let early = t1 + window / 2;
         assert_eq!(
             b.turn(early, &mut |a| log.append(a)),
-            Turn::Until(t0 + window)
+            Turn::Until(t1 + window)
         );
         assert!(
-            log.batches.is_empty() && drain(&mut acked).is_empty(),
-            "nothing before the window"
+            log.batches == [1] && drain(&mut acked).is_empty(),
+            "nothing more before the window"
         );
-        let late = t0 + window;
+        let late = t1 + window;
         assert_eq!(b.turn(late, &mut |a| log.append(a)), Turn::Until(late));
-        assert_eq!(log.batches, vec![2], "both in one commit");
-        assert_eq!(drain(&mut acked), vec![(1, 1), (2, 2)]);
+        assert_eq!(log.batches, vec![1, 2], "both in one commit");
+        assert_eq!(drain(&mut acked), vec![(2, 2), (3, 3)]);
         assert_eq!(b.turn(late, &mut |a| log.append(a)), Turn::Idle);
+
+        // One more than a window after the latest: quiet again, committed at once.
+        let t2 = early + window + Duration::from_millis(1);
+        submit(&tx, &acks, 4);
+        assert_eq!(b.turn(t2, &mut |a| log.append(a)), Turn::Until(t2));
+        assert_eq!(log.batches, vec![1, 2, 1]);
+        assert_eq!(drain(&mut acked), vec![(4, 4)]);
         drop(tx);
-        assert_eq!(b.turn(late, &mut |a| log.append(a)), Turn::Done);
+        assert_eq!(b.turn(t2, &mut |a| log.append(a)), Turn::Done);
     }
 
     #[test]

@@ -528,7 +528,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             acks.try_recv().is_err(),
-            "a lone update waits for its window"
+            "a lone update right after others waits for its window"
         );
         store.close().await;
         assert_eq!(acks.try_recv(), Ok((3, 3)), "closing committed it first");

@@ -4,9 +4,12 @@
 //! a task here otherwise (Postgres, memory).
 //!
 //! Batching: what queued up while the previous batch was committing is committed at once, as one
-//! batch (up to `max_batch`); a request that finds the writer idle waits up to `window` for
-//! company. So a busy store commits back to back without ever waiting, and a quiet one delays an
-//! acknowledgement by at most the window.
+//! batch (up to `max_batch`). A request that finds the writer idle waits up to `window` for
+//! company when the request before it came less than a window earlier, that is while traffic is
+//! dense enough to bring some; after a quieter spell it is committed at once, since waiting would
+//! only delay its acknowledgement and cost the loop a second wake-up ([`waits_for_company`]). So a
+//! busy store commits back to back without ever waiting, a steady one groups what arrives within
+//! a window, and none delays an acknowledgement by more than the window.
 //!
 //! Guarantees: every submitted update is appended, in submission order, and acknowledged exactly
 //! once, after its batch committed. Nothing is dropped: a failing store makes the loop retry the
@@ -64,7 +67,8 @@ impl fmt::Debug for WriteRequest {
 pub struct WriterOptions {
     /// Most updates in one `append` (at least 1).
     pub max_batch: usize,
-    /// How long a batch keeps collecting after its first update arrived.
+    /// How long a batch keeps collecting after its first update arrived, when updates come
+    /// closer together than this ([`waits_for_company`]).
     pub window: Duration,
     /// Requests queued before [`StoreWriter::submit`] waits (at least 1).
     pub queue_capacity: usize,
@@ -276,6 +280,8 @@ impl WriterTask {
     async fn run(mut self) {
         let max_batch = self.opts.max_batch;
         let mut requests = Vec::with_capacity(max_batch);
+        // When the latest request left the queue.
+        let mut last: Option<Instant> = None;
         // `recv_many` returns 0 only once the queue is closed (every `StoreWriter` dropped) and
         // empty, so everything submitted before that has been committed when the loop ends.
         while self.rx.recv_many(&mut requests, max_batch).await > 0 {
@@ -283,15 +289,17 @@ impl WriterTask {
             let deadline = taken + self.opts.window;
             // Requests that queued up while the previous batch was committing are a group
             // already: they go at once. Only a request that found the writer idle waits (up to
-            // the window) for company.
-            let backlog = requests.len() > 1;
-            while !backlog && requests.len() < max_batch {
+            // the window) for company, and only while traffic is dense.
+            let since = last.map(|at| taken.saturating_duration_since(at));
+            let wait = requests.len() == 1 && waits_for_company(since, self.opts.window);
+            last = Some(taken);
+            while wait && requests.len() < max_batch {
                 let room = max_batch - requests.len();
                 match tokio::time::timeout_at(deadline, self.rx.recv_many(&mut requests, room))
                     .await
                 {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(_) => last = Some(Instant::now()),
                 }
             }
             self.commit(&mut requests, taken).await;
@@ -357,6 +365,16 @@ pub(super) fn failed(
 }
 
 /// The wait after `backoff` for the next retry.
+/// Whether a request that found the loop idle waits up to `window` for company, given how long
+/// before it the previous request left the queue (`None`: it is the first). Only when that was
+/// within the window: traffic that dense brings company, and a lone update after a quieter
+/// spell is committed at once. Waiting for none would delay its acknowledgement and cost the
+/// loop a second wake-up, which in `rooms` (updates 5 ms apart) was about a fifth of what
+/// SQLite's thread spent per update (docs/benchmarks.md, session 19).
+pub(super) fn waits_for_company(since_previous: Option<Duration>, window: Duration) -> bool {
+    since_previous.is_some_and(|gap| gap <= window)
+}
+
 pub(super) fn next_backoff(backoff: Duration, opts: &WriterOptions) -> Duration {
     (backoff * 2).min(opts.retry_max)
 }
@@ -610,29 +628,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lone_update_is_committed_when_the_window_closes() {
+    async fn an_update_after_a_quiet_spell_goes_at_once_and_one_soon_after_waits_the_window() {
         tokio::time::pause();
         let store = Arc::new(FaultyStore::default());
+        let window = Duration::from_millis(20);
         let opts = WriterOptions {
-            window: Duration::from_millis(20),
+            window,
             ..WriterOptions::default()
         };
         let (writer, _task) = spawn(&store, opts);
         let (listener, mut acks) = listener();
+        async fn acked(acks: &mut mpsc::UnboundedReceiver<(u64, i64)>) -> Option<(u64, i64)> {
+            tokio::time::timeout(Duration::from_secs(60), acks.recv())
+                .await
+                .expect("acknowledged while the writer is still open")
+        }
 
+        // Nothing came within a window before it: committed without waiting (virtual time).
         let submitted = Instant::now();
         writer
             .submit(request("doc", 7, &listener))
             .await
             .expect("submit");
-        let ack = tokio::time::timeout(Duration::from_secs(60), acks.recv())
+        assert_eq!(acked(&mut acks).await, Some((7, 1)));
+        assert!(submitted.elapsed() <= TICK, "{:?}", submitted.elapsed());
+
+        // Within a window of it: the batch waits its window for company, and no longer.
+        let submitted = Instant::now();
+        writer
+            .submit(request("doc", 8, &listener))
             .await
-            .expect("acknowledged while the writer is still open");
-        assert_eq!(ack, Some((7, 1)));
-        // Virtual time: the batch waited for company for its window, and no longer.
+            .expect("submit");
+        assert_eq!(acked(&mut acks).await, Some((8, 2)));
         let waited = submitted.elapsed();
-        assert!(waited >= Duration::from_millis(20) && waited <= Duration::from_millis(20) + TICK);
-        assert_eq!(store.committed_batch_sizes(), vec![1]);
+        assert!(waited >= window && waited <= window + TICK, "{waited:?}");
+
+        // Quiet for longer than the window: at once again.
+        tokio::time::sleep(window * 2).await;
+        let submitted = Instant::now();
+        writer
+            .submit(request("doc", 9, &listener))
+            .await
+            .expect("submit");
+        assert_eq!(acked(&mut acks).await, Some((9, 3)));
+        assert!(submitted.elapsed() <= TICK, "{:?}", submitted.elapsed());
+        assert_eq!(store.committed_batch_sizes(), vec![1, 1, 1]);
     }
 
     #[tokio::test]
@@ -776,22 +816,23 @@ mod tests {
                 .submit(request("doc", seq, &listener))
                 .await
                 .expect("submit");
-            if seq == 0 {
-                // The first finds the writer idle, so its batch waits the window for company.
+            if seq <= 1 {
+                // The first, alone after a quiet spell, is committed at once; the second finds
+                // the writer idle right after it, so its batch waits the window for company.
                 tokio::task::yield_now().await;
             }
         }
 
         let started = Instant::now();
         drop(writer);
-        // One handle left: the batch is still collecting, nothing is committed yet.
+        // One handle left: the batch is still collecting, nothing more is committed yet.
         tokio::task::yield_now().await;
-        assert!(drain(&mut acks).is_empty());
+        assert_eq!(drain(&mut acks), vec![(0, 1)]);
         drop(second);
         task.await.expect("writer task");
 
         assert!(started.elapsed() < window, "closing ends the batch window");
-        assert_eq!(drain(&mut acks).len(), 50);
+        assert_eq!(drain(&mut acks).len(), 49);
         assert_eq!(stored_data(&store, "doc").await.len(), 50);
     }
 
