@@ -9,10 +9,10 @@
 //!
 //! It batches, retries and acknowledges exactly as the writer task does: a request that finds
 //! the loop idle while traffic is dense waits up to the window for company, a backlog or a lone
-//! update after a quiet spell is committed at once, a failed
-//! batch is retried with backoff while new requests wait in the queue, and every request is
-//! acknowledged once, in order, after its batch committed. The thread calls [`Batcher::turn`]
-//! whenever it is woken and sleeps for as long as the answer says.
+//! update after a quiet spell is committed at once, a failed batch is retried with backoff while
+//! new requests wait in the queue, and every request is acknowledged once, in order, after its
+//! batch committed. The thread calls [`Batcher::turn`] whenever it is woken and sleeps for as
+//! long as the answer says.
 
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! batch (up to `max_batch`). A request that finds the writer idle waits up to `window` for
 //! company when the request before it came less than a window earlier, that is while traffic is
 //! dense enough to bring some; after a quieter spell it is committed at once, since waiting would
-//! only delay its acknowledgement and cost the loop a second wake-up ([`waits_for_company`]). So a
+//! only delay its acknowledgement and cost the loop a second wake-up (`waits_for_company`). So a
 //! busy store commits back to back without ever waiting, a steady one groups what arrives within
 //! a window, and none delays an acknowledgement by more than the window.
 //!
@@ -68,7 +68,7 @@ pub struct WriterOptions {
     /// Most updates in one `append` (at least 1).
     pub max_batch: usize,
     /// How long a batch keeps collecting after its first update arrived, when updates come
-    /// closer together than this ([`waits_for_company`]).
+    /// closer together than this (an update after a quieter spell is committed at once).
     pub window: Duration,
     /// Requests queued before [`StoreWriter::submit`] waits (at least 1).
     pub queue_capacity: usize,
@@ -364,17 +364,17 @@ pub(super) fn failed(
     );
 }
 
-/// The wait after `backoff` for the next retry.
 /// Whether a request that found the loop idle waits up to `window` for company, given how long
 /// before it the previous request left the queue (`None`: it is the first). Only when that was
 /// within the window: traffic that dense brings company, and a lone update after a quieter
 /// spell is committed at once. Waiting for none would delay its acknowledgement and cost the
-/// loop a second wake-up, which in `rooms` (updates 5 ms apart) was about a fifth of what
-/// SQLite's thread spent per update (docs/benchmarks.md, session 19).
+/// loop a second wake-up: in `rooms` (updates 5 ms apart), 12 % of the CPU SQLite's thread
+/// spent per update (docs/benchmarks.md, session 19).
 pub(super) fn waits_for_company(since_previous: Option<Duration>, window: Duration) -> bool {
     since_previous.is_some_and(|gap| gap <= window)
 }
 
+/// The wait after `backoff` for the next retry.
 pub(super) fn next_backoff(backoff: Duration, opts: &WriterOptions) -> Duration {
     (backoff * 2).min(opts.retry_max)
 }
@@ -638,40 +638,29 @@ mod tests {
         };
         let (writer, _task) = spawn(&store, opts);
         let (listener, mut acks) = listener();
-        async fn acked(acks: &mut mpsc::UnboundedReceiver<(u64, i64)>) -> Option<(u64, i64)> {
-            tokio::time::timeout(Duration::from_secs(60), acks.recv())
+        // Submits update `seq` and returns how long (virtual time) it took to be acknowledged
+        // as row `row`.
+        let mut stored = async |seq: u64, row: i64| {
+            let submitted = Instant::now();
+            writer
+                .submit(request("doc", seq, &listener))
                 .await
-                .expect("acknowledged while the writer is still open")
-        }
+                .expect("submit");
+            let ack = tokio::time::timeout(Duration::from_secs(60), acks.recv()).await;
+            assert_eq!(ack.expect("acknowledged"), Some((seq, row)));
+            submitted.elapsed()
+        };
 
-        // Nothing came within a window before it: committed without waiting (virtual time).
-        let submitted = Instant::now();
-        writer
-            .submit(request("doc", 7, &listener))
-            .await
-            .expect("submit");
-        assert_eq!(acked(&mut acks).await, Some((7, 1)));
-        assert!(submitted.elapsed() <= TICK, "{:?}", submitted.elapsed());
-
+        // Nothing came within a window before it: committed without waiting.
+        let waited = stored(7, 1).await;
+        assert!(waited <= TICK, "{waited:?}");
         // Within a window of it: the batch waits its window for company, and no longer.
-        let submitted = Instant::now();
-        writer
-            .submit(request("doc", 8, &listener))
-            .await
-            .expect("submit");
-        assert_eq!(acked(&mut acks).await, Some((8, 2)));
-        let waited = submitted.elapsed();
+        let waited = stored(8, 2).await;
         assert!(waited >= window && waited <= window + TICK, "{waited:?}");
-
         // Quiet for longer than the window: at once again.
         tokio::time::sleep(window * 2).await;
-        let submitted = Instant::now();
-        writer
-            .submit(request("doc", 9, &listener))
-            .await
-            .expect("submit");
-        assert_eq!(acked(&mut acks).await, Some((9, 3)));
-        assert!(submitted.elapsed() <= TICK, "{:?}", submitted.elapsed());
+        let waited = stored(9, 3).await;
+        assert!(waited <= TICK, "{waited:?}");
         assert_eq!(store.committed_batch_sizes(), vec![1, 1, 1]);
     }
 
