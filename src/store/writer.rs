@@ -214,29 +214,26 @@ impl StoreWriter {
     /// several updates is seen, and committed, as one group, as a task sees it.
     pub fn try_submit(&self, req: WriteRequest) -> Result<(), TrySendError<WriteRequest>> {
         self.tx.try_send(req)?;
-        if let Some(wake) = &self.wake {
-            if self.queued() >= wake.full {
-                wake.thread.unpark();
-            }
-        }
+        self.unpark_when(|wake| self.queued() >= wake.full);
         Ok(())
     }
 
     /// Wakes the thread that runs the loop, if a thread does and it sleeps with nothing to do,
     /// to take what [`try_submit`](Self::try_submit) queued. (A task is woken by the queue.)
     pub fn nudge(&self) {
-        if let Some(wake) = &self.wake {
-            if wake.idle.needs_wake() {
-                wake.thread.unpark();
-            }
-        }
+        self.unpark_when(|wake| wake.idle.needs_wake());
     }
 
     /// Wakes the thread that runs the loop, if a thread does and it sleeps with nothing to do
     /// or a full batch waits.
     fn wake(&self) {
+        self.unpark_when(|wake| wake.idle.needs_wake() || self.queued() >= wake.full);
+    }
+
+    /// Unparks the thread that runs the loop, if a thread does and `due` says so.
+    fn unpark_when(&self, due: impl FnOnce(&Wake) -> bool) {
         if let Some(wake) = &self.wake {
-            if wake.idle.needs_wake() || self.queued() >= wake.full {
+            if due(wake) {
                 wake.thread.unpark();
             }
         }
